@@ -1,6 +1,13 @@
 //! broker: a D-Bus message bus that starts services on demand and keeps them as its children.
 
 pub mod activation;
+pub mod address;
 pub mod auth;
+pub mod bus;
+pub mod cli;
+pub mod connection;
+pub mod driver;
 pub mod match_rule;
+pub mod server;
 pub mod supervisor;
+pub mod wire;

@@ -1,1 +1,36 @@
-fn main() {}
+//! The `broker` command: parses the command line and runs the bus.
+
+use std::process::ExitCode;
+
+use broker::cli::{Options, USAGE};
+
+fn main() -> ExitCode {
+    let opts = match Options::parse(std::env::args().skip(1)) {
+        Ok(opts) => opts,
+        Err(e) => {
+            eprintln!("broker: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if opts.help {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    if opts.version {
+        println!("broker {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BROKER_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match broker::server::run(opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("broker: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,536 @@
+//! The bus core: every connected peer, the names they own, their match rules and the calls they
+//! wait on, and the routing of each message. It runs on one thread and never awaits, so the
+//! order of messages is the order of events and no lock is ever needed.
+
+pub mod names;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
+
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+use zbus::Message;
+use zbus::message::{Flags, Type};
+use zbus::names::UniqueName;
+
+use crate::match_rule::{MatchContext, MatchRule};
+use crate::wire::Outbox;
+use names::{NameEvent, NameRegistry};
+
+/// A connection's number: its unique name is `:1.<id>`.
+pub type PeerId = u64;
+
+/// The bus driver's own name.
+pub const DRIVER: &str = "org.freedesktop.DBus";
+pub const DRIVER_PATH: &str = "/org/freedesktop/DBus";
+
+/// What the bus and a connection's task share: the socket, the messages waiting to be written
+/// to it, and a way to wake the task.
+pub struct Conn {
+    pub stream: UnixStream,
+    pub outbox: RefCell<Outbox>,
+    /// Wakes the connection's task: to wait until the socket takes more, or to close.
+    pub wake: Notify,
+    /// The bus has dropped this connection; its task ends.
+    pub closing: Cell<bool>,
+}
+
+impl Conn {
+    pub fn new(stream: UnixStream) -> Rc<Conn> {
+        Rc::new(Conn {
+            stream,
+            outbox: RefCell::new(Outbox::default()),
+            wake: Notify::new(),
+            closing: Cell::new(false),
+        })
+    }
+
+    /// Writes what the socket takes now; what it does not take waits for the task.
+    pub fn flush(&self) {
+        let fd = self.stream.as_raw_fd();
+        // Through `try_io`, so that a full socket clears tokio's write readiness.
+        let result = self.stream.try_io(Interest::WRITABLE, || self.outbox.borrow_mut().flush(fd));
+        match result {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.wake.notify_one(),
+            Err(e) => {
+                debug!("write failed: {e}");
+                self.closing.set(true);
+                self.wake.notify_one();
+            }
+        }
+    }
+}
+
+/// Who is at the other end of a connection, as the kernel tells it.
+#[derive(Debug)]
+pub struct Credentials {
+    pub uid: u32,
+    pub pid: u32,
+    pub gids: Vec<u32>,
+    /// A pidfd naming the peer's process for good, where the kernel offers one.
+    pub pidfd: Option<OwnedFd>,
+    pub security_label: Option<Vec<u8>>,
+}
+
+/// Limits the bus enforces per connection.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_outgoing_bytes: usize,
+    pub max_names_per_connection: usize,
+    pub max_match_rules_per_connection: usize,
+    pub max_replies_per_connection: usize,
+}
+
+impl Default for Limits {
+    /// The values of dbus-daemon's stock session configuration, but for the outgoing queue: a
+    /// peer that does not read may hold at most 64 MiB of the bus's memory.
+    fn default() -> Self {
+        Limits {
+            max_outgoing_bytes: 64 << 20,
+            max_names_per_connection: 50_000,
+            max_match_rules_per_connection: 50_000,
+            max_replies_per_connection: 50_000,
+        }
+    }
+}
+
+pub struct Peer {
+    pub conn: Rc<Conn>,
+    pub unique: String,
+    /// `Hello` has been answered.
+    pub registered: bool,
+    pub creds: Credentials,
+    pub unix_fds: bool,
+    pub rules: Vec<MatchRule>,
+    /// Whether this connection has become a monitor (its rules then see everything).
+    pub monitor: bool,
+    /// Calls this peer made that wait for a reply: serial → callee.
+    pub awaiting: HashMap<u32, PeerId>,
+    /// Calls to this peer that wait for its reply: (caller, serial).
+    pub owed: Vec<(PeerId, u32)>,
+}
+
+pub struct Bus {
+    pub guid: String,
+    pub machine_id: String,
+    pub limits: Limits,
+    pub peers: HashMap<PeerId, Peer>,
+    pub names: NameRegistry,
+    next_id: PeerId,
+    /// Connections with messages queued since their last flush.
+    dirty: Vec<Rc<Conn>>,
+}
+
+/// Parses `:1.N` into N.
+pub fn peer_id_of(unique: &str) -> Option<PeerId> {
+    unique.strip_prefix(":1.")?.parse().ok()
+}
+
+impl Bus {
+    pub fn new(guid: String, limits: Limits) -> Bus {
+        Bus {
+            guid,
+            machine_id: read_machine_id(),
+            limits,
+            peers: HashMap::new(),
+            names: NameRegistry::default(),
+            next_id: 1,
+            dirty: Vec::new(),
+        }
+    }
+
+    /// Adds an authenticated connection. It gets its unique name now and announces it at `Hello`.
+    pub fn add_peer(&mut self, conn: Rc<Conn>, creds: Credentials, unix_fds: bool) -> PeerId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.peers.insert(
+            id,
+            Peer {
+                conn,
+                unique: format!(":1.{id}"),
+                registered: false,
+                creds,
+                unix_fds,
+                rules: Vec::new(),
+                monitor: false,
+                awaiting: HashMap::new(),
+                owed: Vec::new(),
+            },
+        );
+        id
+    }
+
+    /// The registered peer that `name` (unique or well-known) stands for.
+    pub fn resolve(&self, name: &str) -> Option<PeerId> {
+        let id = if name.starts_with(':') { peer_id_of(name)? } else { self.names.owner(name)? };
+        self.peers.get(&id).filter(|p| p.registered && !p.monitor).map(|_| id)
+    }
+
+    pub fn unique_name(&self, id: PeerId) -> Option<&str> {
+        self.peers.get(&id).map(|p| p.unique.as_str())
+    }
+
+    /// Handles one message a peer sent.
+    pub fn dispatch(&mut self, from: PeerId, msg: Message) {
+        let Some(peer) = self.peers.get(&from) else { return };
+        if peer.monitor {
+            warn!(peer = %peer.unique, "disconnecting monitor: monitors may not send messages");
+            self.disconnect(from);
+            return;
+        }
+        if !peer.registered && !is_hello(&msg) {
+            warn!(peer = %peer.unique, "disconnecting: the first message was not Hello");
+            self.disconnect(from);
+            return;
+        }
+        let msg = match stamp_sender(&msg, &peer.unique) {
+            Ok(msg) => msg,
+            Err(e) => {
+                warn!(peer = %peer.unique, "disconnecting: cannot stamp sender: {e}");
+                self.disconnect(from);
+                return;
+            }
+        };
+        let header = msg.header();
+        let destination = header.destination().map(|d| d.as_str().to_owned());
+        drop(header);
+        match destination.as_deref() {
+            Some(DRIVER) => {
+                self.to_monitors_and_eavesdroppers(&msg, None);
+                self.driver_call(from, &msg);
+            }
+            Some(dest) => self.unicast(from, msg, dest),
+            None => self.broadcast(&msg),
+        }
+    }
+
+    /// Delivers a message that names its destination.
+    fn unicast(&mut self, from: PeerId, msg: Message, dest: &str) {
+        let msg_type = msg.message_type();
+        let Some(to) = self.resolve(dest) else {
+            self.to_monitors_and_eavesdroppers(&msg, None);
+            if msg_type == Type::MethodCall {
+                self.reply_unknown_destination(from, &msg, dest);
+            }
+            return;
+        };
+        if matches!(msg_type, Type::MethodReturn | Type::Error) && !self.take_expected_reply(from, to, &msg) {
+            debug!(from, to, "dropping a reply that answers no pending call");
+            return;
+        }
+        if !msg.data().fds().is_empty() && !self.peers.get(&to).is_some_and(|p| p.unix_fds) {
+            self.reply_error(
+                from,
+                &msg,
+                "org.freedesktop.DBus.Error.NotSupported",
+                "Tried to send a message with Unix file descriptors to a client that does not support them",
+            );
+            return;
+        }
+        if msg_type == Type::MethodCall && expects_reply(&msg) && !self.note_pending_call(from, to, &msg) {
+            return;
+        }
+        self.to_monitors_and_eavesdroppers(&msg, Some(to));
+        self.deliver_or_handle_full(from, to, &msg);
+    }
+
+    fn reply_unknown_destination(&mut self, from: PeerId, msg: &Message, dest: &str) {
+        let (name, text) = if msg.primary_header().flags().contains(Flags::NO_AUTO_START) {
+            ("org.freedesktop.DBus.Error.NameHasNoOwner", format!("Name \"{dest}\" does not exist"))
+        } else {
+            (
+                "org.freedesktop.DBus.Error.ServiceUnknown",
+                format!("The name {dest} was not provided by any .service files"),
+            )
+        };
+        self.reply_error(from, msg, name, &text);
+    }
+
+    /// Records a call that waits for a reply, within the per-connection limit.
+    fn note_pending_call(&mut self, from: PeerId, to: PeerId, msg: &Message) -> bool {
+        let serial = msg.primary_header().serial_num().get();
+        let Some(caller) = self.peers.get_mut(&from) else { return false };
+        if caller.awaiting.len() >= self.limits.max_replies_per_connection {
+            let text = "The maximum number of pending replies per connection has been reached";
+            self.reply_error(from, msg, "org.freedesktop.DBus.Error.LimitsExceeded", text);
+            return false;
+        }
+        caller.awaiting.insert(serial, to);
+        if let Some(callee) = self.peers.get_mut(&to) {
+            callee.owed.push((from, serial));
+        }
+        true
+    }
+
+    /// Whether `msg` (from `from` to `to`) answers a call `to` made to `from`; if so, the call is
+    /// no longer pending.
+    fn take_expected_reply(&mut self, from: PeerId, to: PeerId, msg: &Message) -> bool {
+        let Some(serial) = msg.header().reply_serial() else { return false };
+        let serial = serial.get();
+        let Some(caller) = self.peers.get_mut(&to) else { return false };
+        if caller.awaiting.get(&serial) != Some(&from) {
+            return false;
+        }
+        caller.awaiting.remove(&serial);
+        if let Some(callee) = self.peers.get_mut(&from) {
+            callee.owed.retain(|&(c, s)| (c, s) != (to, serial));
+        }
+        true
+    }
+
+    /// Queues `msg` for `to`; past the limit of its queue, a call is refused to its sender and
+    /// any other message costs the stuck receiver its connection.
+    fn deliver_or_handle_full(&mut self, from: PeerId, to: PeerId, msg: &Message) {
+        if self.deliver(to, msg) {
+            return;
+        }
+        let Some(receiver) = self.peers.get(&to).map(|p| p.unique.clone()) else { return };
+        if msg.message_type() == Type::MethodCall {
+            warn!(%receiver, "outgoing queue full: refusing a call to it");
+            if let Some(caller) = self.peers.get_mut(&from) {
+                caller.awaiting.remove(&msg.primary_header().serial_num().get());
+            }
+            let text = format!("The outgoing queue of {receiver} is full: it does not read its messages");
+            self.reply_error(from, msg, "org.freedesktop.DBus.Error.LimitsExceeded", &text);
+        } else {
+            warn!(%receiver, "disconnecting: its outgoing queue is full and it does not read");
+            self.disconnect(to);
+        }
+    }
+
+    /// Queues a message for a peer. Returns false when its queue is full.
+    pub fn deliver(&mut self, to: PeerId, msg: &Message) -> bool {
+        let Some(peer) = self.peers.get(&to) else { return true };
+        let conn = &peer.conn;
+        let mut outbox = conn.outbox.borrow_mut();
+        if outbox.queued_bytes() + msg.data().len() > self.limits.max_outgoing_bytes {
+            return false;
+        }
+        if outbox.is_empty() {
+            self.dirty.push(conn.clone());
+        }
+        outbox.push(msg.clone());
+        true
+    }
+
+    /// Sends a signal without a destination to every peer whose rules match it.
+    pub fn broadcast(&mut self, msg: &Message) {
+        let recipients = self.matching_peers(msg, None);
+        for to in recipients {
+            if !self.deliver(to, msg) {
+                if let Some(p) = self.peers.get(&to) {
+                    warn!(receiver = %p.unique, "disconnecting: its outgoing queue is full and it does not read");
+                }
+                self.disconnect(to);
+            }
+        }
+    }
+
+    /// Copies a message with a destination to monitors and to peers that eavesdrop on it.
+    fn to_monitors_and_eavesdroppers(&mut self, msg: &Message, addressed: Option<PeerId>) {
+        let recipients = self.matching_peers(msg, addressed);
+        for to in recipients {
+            // Eavesdroppers lose a copy rather than anyone losing the original.
+            self.deliver(to, msg);
+        }
+    }
+
+    /// The peers whose rules match `msg`. For a message with a destination, only monitors and
+    /// rules with `eavesdrop='true'` match, and never the addressed peer itself.
+    fn matching_peers(&self, msg: &Message, addressed: Option<PeerId>) -> Vec<PeerId> {
+        let has_destination = msg.header().destination().is_some();
+        let destination_unique = addressed.and_then(|id| self.unique_name(id));
+        let owner_of = |name: &str| self.names.owner(name).and_then(|id| self.unique_name(id)).map(str::to_owned);
+        let ctx = MatchContext { owner_of: &owner_of, destination_unique };
+        let mut out = Vec::new();
+        for (&id, peer) in &self.peers {
+            if !peer.registered || peer.rules.is_empty() && !peer.monitor || Some(id) == addressed {
+                continue;
+            }
+            let matched = if peer.monitor {
+                peer.rules.is_empty() || peer.rules.iter().any(|r| r.matches(msg, &ctx))
+            } else {
+                peer.rules.iter().any(|r| (!has_destination || r.eavesdrop()) && r.matches(msg, &ctx))
+            };
+            if matched {
+                out.push(id);
+            }
+        }
+        out
+    }
+
+    /// Sends an error in reply to `call`, unless the caller said it expects no reply.
+    pub fn reply_error(&mut self, to: PeerId, call: &Message, name: &str, text: &str) {
+        if call.message_type() != Type::MethodCall || !expects_reply(call) {
+            return;
+        }
+        match driver_error(call, name, text) {
+            Ok(reply) => self.send_from_driver(to, &reply),
+            Err(e) => warn!("cannot build error {name}: {e}"),
+        }
+    }
+
+    /// Delivers a message from the driver to one peer, showing it to monitors too.
+    pub fn send_from_driver(&mut self, to: PeerId, msg: &Message) {
+        self.to_monitors_and_eavesdroppers(msg, Some(to));
+        if !self.deliver(to, msg) {
+            warn!(peer = to, "disconnecting: its outgoing queue is full and it does not read");
+            self.disconnect(to);
+        }
+    }
+
+    /// Turns name events into the driver's signals, in order.
+    pub fn announce(&mut self, events: Vec<NameEvent>) {
+        for event in events {
+            let built = match &event {
+                NameEvent::OwnerChanged { name, old, new } => {
+                    let old = old.and_then(|id| self.unique_name(id)).unwrap_or("").to_owned();
+                    let new = new.and_then(|id| self.unique_name(id)).unwrap_or("").to_owned();
+                    driver_signal("NameOwnerChanged", None, &(name.as_str(), old.as_str(), new.as_str()))
+                        .map(|m| (None, m))
+                }
+                NameEvent::Acquired { name, peer } | NameEvent::Lost { name, peer } => {
+                    let member = if matches!(event, NameEvent::Acquired { .. }) { "NameAcquired" } else { "NameLost" };
+                    let Some(unique) = self.unique_name(*peer) else { continue };
+                    driver_signal(member, Some(unique), &(name.as_str(),)).map(|m| (Some(*peer), m))
+                }
+            };
+            match built {
+                Ok((None, msg)) => self.broadcast(&msg),
+                Ok((Some(to), msg)) => self.send_from_driver(to, &msg),
+                Err(e) => warn!("cannot build a driver signal: {e}"),
+            }
+        }
+    }
+
+    /// Writes what each connection touched since the last flush has queued.
+    pub fn take_dirty(&mut self) -> Vec<Rc<Conn>> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Drops a peer: its names pass on, its callers get `NoReply`, everyone hears it is gone.
+    pub fn disconnect(&mut self, id: PeerId) {
+        let Some(peer) = self.peers.get_mut(&id) else { return };
+        peer.conn.closing.set(true);
+        peer.conn.wake.notify_one();
+        let announced = peer.registered && !peer.monitor;
+        // Unregistered, it receives nothing more, but its unique name still reads in the signals.
+        peer.registered = false;
+        if announced {
+            debug!(peer = %peer.unique, "disconnected");
+            let unique = peer.unique.clone();
+            let events = self.names.remove_peer(id);
+            self.announce(events);
+            self.broadcast_owner_changed(&unique, &unique, "");
+        }
+        let Some(peer) = self.peers.remove(&id) else { return };
+        for (caller, serial) in peer.owed {
+            self.send_no_reply(caller, serial, id);
+        }
+    }
+
+    pub fn broadcast_owner_changed(&mut self, name: &str, old: &str, new: &str) {
+        match driver_signal("NameOwnerChanged", None, &(name, old, new)) {
+            Ok(msg) => self.broadcast(&msg),
+            Err(e) => warn!("cannot build NameOwnerChanged: {e}"),
+        }
+    }
+
+    fn send_no_reply(&mut self, caller: PeerId, serial: u32, callee: PeerId) {
+        let Some(peer) = self.peers.get_mut(&caller) else { return };
+        if peer.awaiting.get(&serial) != Some(&callee) {
+            return;
+        }
+        peer.awaiting.remove(&serial);
+        let unique = peer.unique.clone();
+        let text = "Message recipient disconnected from message bus without replying";
+        match no_reply_error(serial, &unique, text) {
+            Ok(msg) => self.send_from_driver(caller, &msg),
+            Err(e) => warn!("cannot build NoReply: {e}"),
+        }
+    }
+
+    /// Turns a peer into a monitor: it loses its names and its unique name, and from now on
+    /// receives copies of what its rules match.
+    pub fn make_monitor(&mut self, id: PeerId, rules: Vec<MatchRule>) {
+        let events = self.names.remove_peer(id);
+        let Some(peer) = self.peers.get_mut(&id) else { return };
+        peer.rules = rules;
+        let unique = peer.unique.clone();
+        let owed = std::mem::take(&mut peer.owed);
+        peer.awaiting.clear();
+        self.announce(events);
+        if let Some(peer) = self.peers.get_mut(&id) {
+            peer.monitor = true;
+        }
+        self.broadcast_owner_changed(&unique, &unique, "");
+        for (caller, serial) in owed {
+            self.send_no_reply(caller, serial, id);
+        }
+    }
+}
+
+fn is_hello(msg: &Message) -> bool {
+    let header = msg.header();
+    msg.message_type() == Type::MethodCall
+        && header.destination().map(|d| d.as_str()) == Some(DRIVER)
+        && header.member().map(|m| m.as_str()) == Some("Hello")
+        && header.interface().is_none_or(|i| i.as_str() == DRIVER)
+}
+
+pub fn expects_reply(msg: &Message) -> bool {
+    !msg.primary_header().flags().contains(Flags::NO_REPLY_EXPECTED)
+}
+
+/// Sets the sender field to the peer's unique name, replacing whatever the peer wrote there.
+fn stamp_sender(msg: &Message, unique: &str) -> zbus::Result<Message> {
+    if msg.header().sender().is_some_and(|s| s.as_str() == unique) {
+        return Ok(msg.clone());
+    }
+    let name = UniqueName::from_str_unchecked(unique);
+    msg.with_sender(&name)
+}
+
+/// A signal from the driver; `to` makes it unicast.
+pub fn driver_signal<B>(member: &str, to: Option<&str>, body: &B) -> zbus::Result<Message>
+where
+    B: serde::Serialize + zbus::DynamicType,
+{
+    let mut builder = Message::signal(DRIVER_PATH, DRIVER, member).sender(DRIVER);
+    if let Some(to) = to {
+        builder = builder.destination(to);
+    }
+    builder.build(body)
+}
+
+/// An error from the driver in reply to `call`.
+pub fn driver_error(call: &Message, name: &str, text: &str) -> zbus::Result<Message> {
+    let header = call.header();
+    let mut builder = Message::error(&header, name).sender(DRIVER);
+    if let Some(sender) = header.sender() {
+        builder = builder.destination(sender.as_str());
+    }
+    builder.build(&(text,))
+}
+
+fn no_reply_error(serial: u32, to: &str, text: &str) -> zbus::Result<Message> {
+    let call = Message::method_call("/", "x")
+        .serial(std::num::NonZeroU32::new(serial).ok_or(zbus::Error::InvalidSerial)?)
+        .sender(to)
+        .build(&())?;
+    driver_error(&call, "org.freedesktop.DBus.Error.NoReply", text)
+}
+
+fn read_machine_id() -> String {
+    ["/etc/machine-id", "/var/lib/dbus/machine-id"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| s.len() == 32)
+        .unwrap_or_else(|| crate::address::random_hex(16))
+}

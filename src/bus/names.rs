@@ -1,0 +1,286 @@
+//! Well-known names: who owns each one, who waits in its queue, and the rules of `RequestName`
+//! and `ReleaseName`.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use super::PeerId;
+
+/// `RequestName` flags.
+pub const ALLOW_REPLACEMENT: u32 = 0x1;
+pub const REPLACE_EXISTING: u32 = 0x2;
+pub const DO_NOT_QUEUE: u32 = 0x4;
+
+/// `RequestName` replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestReply {
+    PrimaryOwner = 1,
+    InQueue = 2,
+    Exists = 3,
+    AlreadyOwner = 4,
+}
+
+/// `ReleaseName` replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseReply {
+    Released = 1,
+    NonExistent = 2,
+    NotOwner = 3,
+}
+
+/// What a change of ownership must be told, in the order the signals are to be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NameEvent {
+    Lost { name: String, peer: PeerId },
+    OwnerChanged { name: String, old: Option<PeerId>, new: Option<PeerId> },
+    Acquired { name: String, peer: PeerId },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Owner {
+    peer: PeerId,
+    flags: u32,
+}
+
+/// All well-known names and their queues. The front of a queue is the primary owner.
+#[derive(Default)]
+pub struct NameRegistry {
+    names: HashMap<String, VecDeque<Owner>>,
+    /// The names each peer owns or waits for.
+    by_peer: HashMap<PeerId, BTreeSet<String>>,
+}
+
+impl NameRegistry {
+    /// The primary owner of `name`.
+    pub fn owner(&self, name: &str) -> Option<PeerId> {
+        self.names.get(name).and_then(|q| q.front()).map(|o| o.peer)
+    }
+
+    /// The primary owner followed by the queue.
+    pub fn queue(&self, name: &str) -> Option<Vec<PeerId>> {
+        self.names.get(name).map(|q| q.iter().map(|o| o.peer).collect())
+    }
+
+    /// Every name that has an owner.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.keys().map(String::as_str)
+    }
+
+    /// The names `peer` is the primary owner of.
+    pub fn owned_by(&self, peer: PeerId) -> Vec<String> {
+        self.by_peer
+            .get(&peer)
+            .map(|names| names.iter().filter(|n| self.owner(n) == Some(peer)).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// How many names `peer` owns or waits for.
+    pub fn count_for(&self, peer: PeerId) -> usize {
+        self.by_peer.get(&peer).map_or(0, BTreeSet::len)
+    }
+
+    /// `RequestName`, with the semantics of the specification and dbus-daemon.
+    pub fn request(&mut self, name: &str, peer: PeerId, flags: u32) -> (RequestReply, Vec<NameEvent>) {
+        let Some(queue) = self.names.get_mut(name) else {
+            self.names.insert(name.to_owned(), VecDeque::from([Owner { peer, flags }]));
+            self.note(peer, name);
+            return (RequestReply::PrimaryOwner, acquired(name, None, peer));
+        };
+        let primary = queue[0];
+        if primary.peer == peer {
+            queue[0].flags = flags;
+            return (RequestReply::AlreadyOwner, Vec::new());
+        }
+        let waiting_at = queue.iter().position(|o| o.peer == peer);
+        if flags & REPLACE_EXISTING != 0 && primary.flags & ALLOW_REPLACEMENT != 0 {
+            if let Some(at) = waiting_at {
+                queue.remove(at);
+            }
+            queue.pop_front();
+            queue.push_front(Owner { peer, flags });
+            let mut events = vec![NameEvent::Lost { name: name.to_owned(), peer: primary.peer }];
+            // The replaced owner waits right behind the new one, unless it asked not to queue.
+            if primary.flags & DO_NOT_QUEUE == 0 {
+                queue.insert(1, primary);
+            } else {
+                self.forget(primary.peer, name);
+            }
+            self.note(peer, name);
+            events.extend(acquired(name, Some(primary.peer), peer));
+            return (RequestReply::PrimaryOwner, events);
+        }
+        if flags & DO_NOT_QUEUE != 0 {
+            if let Some(at) = waiting_at {
+                queue.remove(at);
+                self.forget(peer, name);
+            }
+            return (RequestReply::Exists, Vec::new());
+        }
+        match waiting_at {
+            Some(at) => queue[at].flags = flags,
+            None => queue.push_back(Owner { peer, flags }),
+        }
+        self.note(peer, name);
+        (RequestReply::InQueue, Vec::new())
+    }
+
+    /// `ReleaseName`.
+    pub fn release(&mut self, name: &str, peer: PeerId) -> (ReleaseReply, Vec<NameEvent>) {
+        let Some(queue) = self.names.get(name) else {
+            return (ReleaseReply::NonExistent, Vec::new());
+        };
+        if !queue.iter().any(|o| o.peer == peer) {
+            return (ReleaseReply::NotOwner, Vec::new());
+        }
+        let was_primary = queue[0].peer == peer;
+        let mut events = Vec::new();
+        if was_primary {
+            events.push(NameEvent::Lost { name: name.to_owned(), peer });
+        }
+        events.extend(self.remove(name, peer));
+        (ReleaseReply::Released, events)
+    }
+
+    /// Drops every name of a peer that is gone. No `NameLost` goes to the departed peer.
+    pub fn remove_peer(&mut self, peer: PeerId) -> Vec<NameEvent> {
+        let names = self.by_peer.remove(&peer).unwrap_or_default();
+        let mut events = Vec::new();
+        for name in names {
+            events.extend(self.remove(&name, peer));
+        }
+        events
+    }
+
+    /// Takes `peer` out of the queue of `name`; if it was the primary owner, the next in line
+    /// takes over.
+    fn remove(&mut self, name: &str, peer: PeerId) -> Vec<NameEvent> {
+        self.forget(peer, name);
+        let Some(queue) = self.names.get_mut(name) else { return Vec::new() };
+        let Some(at) = queue.iter().position(|o| o.peer == peer) else { return Vec::new() };
+        queue.remove(at);
+        if at != 0 {
+            return Vec::new();
+        }
+        match queue.front() {
+            Some(next) => acquired(name, Some(peer), next.peer),
+            None => {
+                self.names.remove(name);
+                vec![NameEvent::OwnerChanged { name: name.to_owned(), old: Some(peer), new: None }]
+            }
+        }
+    }
+
+    fn note(&mut self, peer: PeerId, name: &str) {
+        self.by_peer.entry(peer).or_default().insert(name.to_owned());
+    }
+
+    fn forget(&mut self, peer: PeerId, name: &str) {
+        if let Some(names) = self.by_peer.get_mut(&peer) {
+            names.remove(name);
+            if names.is_empty() {
+                self.by_peer.remove(&peer);
+            }
+        }
+    }
+}
+
+fn acquired(name: &str, old: Option<PeerId>, new: PeerId) -> Vec<NameEvent> {
+    vec![
+        NameEvent::OwnerChanged { name: name.to_owned(), old, new: Some(new) },
+        NameEvent::Acquired { name: name.to_owned(), peer: new },
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const N: &str = "org.example.Name";
+
+    #[test]
+    fn first_request_owns_and_second_queues() {
+        let mut r = NameRegistry::default();
+        assert_eq!(r.request(N, 1, 0).0, RequestReply::PrimaryOwner);
+        assert_eq!(r.request(N, 1, 0).0, RequestReply::AlreadyOwner);
+        assert_eq!(r.request(N, 2, 0).0, RequestReply::InQueue);
+        assert_eq!(r.request(N, 3, DO_NOT_QUEUE).0, RequestReply::Exists);
+        assert_eq!(r.queue(N), Some(vec![1, 2]));
+    }
+
+    #[test]
+    fn replacement_needs_both_flags() {
+        let mut r = NameRegistry::default();
+        r.request(N, 1, 0);
+        assert_eq!(r.request(N, 2, REPLACE_EXISTING).0, RequestReply::InQueue);
+        r.request(N, 1, ALLOW_REPLACEMENT);
+        let (reply, events) = r.request(N, 3, REPLACE_EXISTING);
+        assert_eq!(reply, RequestReply::PrimaryOwner);
+        assert_eq!(
+            events,
+            vec![
+                NameEvent::Lost { name: N.into(), peer: 1 },
+                NameEvent::OwnerChanged { name: N.into(), old: Some(1), new: Some(3) },
+                NameEvent::Acquired { name: N.into(), peer: 3 },
+            ]
+        );
+        // The replaced owner waits right behind the new one, ahead of the old queue.
+        assert_eq!(r.queue(N), Some(vec![3, 1, 2]));
+    }
+
+    #[test]
+    fn replaced_owner_with_do_not_queue_leaves() {
+        let mut r = NameRegistry::default();
+        r.request(N, 1, ALLOW_REPLACEMENT | DO_NOT_QUEUE);
+        r.request(N, 2, REPLACE_EXISTING);
+        assert_eq!(r.queue(N), Some(vec![2]));
+        assert_eq!(r.count_for(1), 0);
+    }
+
+    #[test]
+    fn do_not_queue_takes_a_waiter_out_of_the_queue() {
+        let mut r = NameRegistry::default();
+        r.request(N, 1, 0);
+        r.request(N, 2, 0);
+        assert_eq!(r.request(N, 2, DO_NOT_QUEUE).0, RequestReply::Exists);
+        assert_eq!(r.queue(N), Some(vec![1]));
+    }
+
+    #[test]
+    fn release_passes_the_name_on() {
+        let mut r = NameRegistry::default();
+        assert_eq!(r.release(N, 1).0, ReleaseReply::NonExistent);
+        r.request(N, 1, 0);
+        r.request(N, 2, 0);
+        assert_eq!(r.release(N, 3).0, ReleaseReply::NotOwner);
+        let (reply, events) = r.release(N, 1);
+        assert_eq!(reply, ReleaseReply::Released);
+        assert_eq!(events[0], NameEvent::Lost { name: N.into(), peer: 1 });
+        assert_eq!(r.owner(N), Some(2));
+        assert_eq!(r.release(N, 2).0, ReleaseReply::Released);
+        assert_eq!(r.owner(N), None);
+        assert_eq!(r.names().count(), 0);
+    }
+
+    #[test]
+    fn releasing_a_queued_name_sends_nothing() {
+        let mut r = NameRegistry::default();
+        r.request(N, 1, 0);
+        r.request(N, 2, 0);
+        assert_eq!(r.release(N, 2), (ReleaseReply::Released, vec![]));
+    }
+
+    #[test]
+    fn removing_a_peer_hands_over_every_name() {
+        let mut r = NameRegistry::default();
+        r.request("a.A", 1, 0);
+        r.request("b.B", 1, 0);
+        r.request("b.B", 2, 0);
+        r.request("c.C", 2, 0);
+        r.request("c.C", 1, 0);
+        let events = r.remove_peer(1);
+        assert!(events.contains(&NameEvent::OwnerChanged { name: "a.A".into(), old: Some(1), new: None }));
+        assert!(events.contains(&NameEvent::Acquired { name: "b.B".into(), peer: 2 }));
+        assert!(!events.iter().any(|e| matches!(e, NameEvent::Lost { .. })));
+        assert_eq!(r.queue("c.C"), Some(vec![2]));
+        assert_eq!(r.owned_by(2), vec!["b.B".to_string(), "c.C".to_string()]);
+    }
+}

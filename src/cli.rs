@@ -1,0 +1,131 @@
+//! The command line, in dbus-daemon's spelling: `--flag=value` and `--flag value` both work.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// What the command line asks for.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Options {
+    pub session: bool,
+    pub address: Option<String>,
+    /// Print the address to this fd (1 when no fd is given).
+    pub print_address: Option<i32>,
+    pub print_pid: Option<i32>,
+    pub activation_dirs: Vec<PathBuf>,
+    pub version: bool,
+    pub help: bool,
+}
+
+/// A command line that cannot be used; the text is a one-line reason.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub const USAGE: &str = "usage: broker [--session] [--address=ADDRESS] [--print-address[=FD]] [--print-pid[=FD]] \
+[--activation-dir=DIR]... [--nofork] [--version] [--help]";
+
+impl Options {
+    pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, UsageError> {
+        let mut opts = Options::default();
+        let mut args = args.into_iter().peekable();
+        while let Some(arg) = args.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+                _ => (arg.clone(), None),
+            };
+            let mut value = |name: &str| -> Result<String, UsageError> {
+                inline
+                    .clone()
+                    .or_else(|| args.next())
+                    .ok_or_else(|| UsageError(format!("{name} needs a value")))
+            };
+            match flag.as_str() {
+                "--session" => opts.session = true,
+                "--address" => opts.address = Some(value("--address")?),
+                "--activation-dir" => opts.activation_dirs.push(PathBuf::from(value("--activation-dir")?)),
+                "--print-address" | "--print-pid" => {
+                    // The fd is optional; a following argument is taken only if it is a number.
+                    let fd = match inline {
+                        Some(v) => parse_fd(&flag, &v)?,
+                        None => match args.peek().and_then(|next| next.parse::<i32>().ok()) {
+                            Some(fd) => {
+                                args.next();
+                                check_fd(&flag, fd)?
+                            }
+                            None => 1,
+                        },
+                    };
+                    if flag == "--print-address" {
+                        opts.print_address = Some(fd);
+                    } else {
+                        opts.print_pid = Some(fd);
+                    }
+                }
+                // broker never forks into the background; these are accepted for compatibility.
+                "--nofork" | "--nopidfile" | "--nosyslog" => {}
+                "--version" => opts.version = true,
+                "--help" | "-h" => opts.help = true,
+                other => return Err(UsageError(format!("unknown option {other}"))),
+            }
+        }
+        Ok(opts)
+    }
+}
+
+fn parse_fd(flag: &str, value: &str) -> Result<i32, UsageError> {
+    let fd = value
+        .parse::<i32>()
+        .map_err(|_| UsageError(format!("{flag}: {value:?} is not a file descriptor number")))?;
+    check_fd(flag, fd)
+}
+
+fn check_fd(flag: &str, fd: i32) -> Result<i32, UsageError> {
+    if fd < 0 {
+        return Err(UsageError(format!("{flag}: {fd} is not a file descriptor number")));
+    }
+    Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Options, UsageError> {
+        Options::parse(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn both_value_forms_work() {
+        let a = parse(&["--session", "--address=unix:path=/x", "--print-address=5"]).unwrap();
+        let b = parse(&["--session", "--address", "unix:path=/x", "--print-address", "5"]).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.print_address, Some(5));
+        assert_eq!(a.address.as_deref(), Some("unix:path=/x"));
+    }
+
+    #[test]
+    fn print_flags_default_to_stdout() {
+        let o = parse(&["--print-address", "--print-pid", "--session"]).unwrap();
+        assert_eq!((o.print_address, o.print_pid), (Some(1), Some(1)));
+        assert!(o.session);
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        assert_eq!(parse(&["--frobnicate"]).unwrap_err().0, "unknown option --frobnicate");
+        assert!(parse(&["--address"]).is_err());
+        assert!(parse(&["--print-address=x"]).is_err());
+        assert!(parse(&["--print-pid=-3"]).is_err());
+    }
+
+    #[test]
+    fn activation_dirs_accumulate() {
+        let o = parse(&["--activation-dir", "/a", "--activation-dir=/b"]).unwrap();
+        assert_eq!(o.activation_dirs, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
+    }
+}

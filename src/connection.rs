@@ -1,0 +1,192 @@
+//! One client connection: its credentials, its handshake, then a loop that reads whole messages
+//! into the bus core and writes out what the core queued for it.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+use tracing::{debug, info, warn};
+use zbus::Message;
+
+use crate::auth::{self, AuthPolicy};
+use crate::bus::{Bus, Conn, Credentials, PeerId};
+use crate::wire::{FrameLimits, FrameReader, WireError};
+
+/// How many reads one connection may do before the others get their turn.
+const READS_PER_TURN: usize = 16;
+
+/// What every connection task needs.
+pub struct Shared {
+    pub bus: RefCell<Bus>,
+    pub auth: AuthPolicy,
+    pub frame_limits: FrameLimits,
+    /// One read buffer for all connections: they take turns on one thread.
+    pub scratch: RefCell<Vec<u8>>,
+}
+
+/// Serves one accepted socket until it closes or the bus drops it.
+pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
+    let creds = match peer_credentials(&stream) {
+        Ok(creds) => creds,
+        Err(e) => {
+            warn!("refusing a connection whose credentials cannot be read: {e}");
+            return;
+        }
+    };
+    let authenticated = match auth::authenticate(&stream, creds.uid, &shared.auth).await {
+        Ok(a) => a,
+        Err(e) => {
+            info!(pid = creds.pid, uid = creds.uid, "authentication failed: {e}");
+            return;
+        }
+    };
+    let (pid, uid) = (creds.pid, creds.uid);
+    let conn = Conn::new(stream);
+    let id = shared.bus.borrow_mut().add_peer(conn.clone(), creds, authenticated.unix_fds);
+    let mut reader = FrameReader::with_leftover(authenticated.leftover);
+    match run(&shared, &conn, id, &mut reader).await {
+        Ok(()) | Err(WireError::Closed) => debug!(peer = id, "connection closed"),
+        Err(WireError::Invalid(why)) => {
+            warn!(peer = %format!(":1.{id}"), pid, uid, "disconnecting: invalid message: {why}")
+        }
+        Err(WireError::Io(e)) => debug!(peer = id, "connection error: {e}"),
+    }
+    let mut bus = shared.bus.borrow_mut();
+    bus.disconnect(id);
+    let dirty = bus.take_dirty();
+    drop(bus);
+    flush_all(dirty);
+}
+
+async fn run(shared: &Shared, conn: &Conn, id: PeerId, reader: &mut FrameReader) -> Result<(), WireError> {
+    let mut batch = Vec::new();
+    reader.drain_leftover(&shared.frame_limits, &mut batch)?;
+    dispatch(shared, id, &mut batch);
+    loop {
+        if conn.closing.get() {
+            return Ok(());
+        }
+        let pending_write = !conn.outbox.borrow().is_empty();
+        tokio::select! {
+            biased;
+            _ = conn.wake.notified() => {}
+            ready = conn.stream.writable(), if pending_write => {
+                ready.map_err(WireError::Io)?;
+                conn.flush();
+            }
+            ready = conn.stream.readable() => {
+                ready.map_err(WireError::Io)?;
+                read_turn(shared, conn, id, reader, &mut batch)?;
+            }
+        }
+    }
+}
+
+/// Reads and dispatches what the socket has, for a bounded number of reads.
+fn read_turn(
+    shared: &Shared,
+    conn: &Conn,
+    id: PeerId,
+    reader: &mut FrameReader,
+    batch: &mut Vec<Message>,
+) -> Result<(), WireError> {
+    for _ in 0..READS_PER_TURN {
+        let fd = conn.stream.as_raw_fd();
+        let outcome = conn.stream.try_io(Interest::READABLE, || {
+            let mut scratch = shared.scratch.borrow_mut();
+            match reader.read(fd, &mut scratch, &shared.frame_limits, batch) {
+                Err(WireError::Io(e)) => Err(e),
+                other => Ok(other),
+            }
+        });
+        match outcome {
+            Ok(result) => {
+                let read = result;
+                dispatch(shared, id, batch);
+                read?;
+                if conn.closing.get() {
+                    return Ok(());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(WireError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Hands each message to the bus core, then writes what it queued.
+fn dispatch(shared: &Shared, id: PeerId, batch: &mut Vec<Message>) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut bus = shared.bus.borrow_mut();
+    for msg in batch.drain(..) {
+        bus.dispatch(id, msg);
+    }
+    let dirty = bus.take_dirty();
+    drop(bus);
+    flush_all(dirty);
+}
+
+pub fn flush_all(dirty: Vec<Rc<Conn>>) {
+    for conn in dirty {
+        conn.flush();
+    }
+}
+
+/// The peer's uid, pid and groups from the kernel, and a pidfd where it offers one.
+fn peer_credentials(stream: &UnixStream) -> io::Result<Credentials> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let cred = getsockopt(&stream.as_fd(), sockopt::PeerCredentials).map_err(io::Error::from)?;
+    Ok(Credentials {
+        uid: cred.uid(),
+        pid: u32::try_from(cred.pid()).unwrap_or(0),
+        gids: peer_groups(stream).unwrap_or_else(|| vec![cred.gid()]),
+        pidfd: peer_pidfd(stream),
+        security_label: None,
+    })
+}
+
+/// `SO_PEERGROUPS` (Linux 4.13+): the peer's supplementary groups.
+fn peer_groups(stream: &UnixStream) -> Option<Vec<u32>> {
+    let mut groups = vec![0u32; 64];
+    let mut len = (groups.len() * 4) as nix::libc::socklen_t;
+    // SAFETY: the buffer and its length describe valid, writable memory.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            stream.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_PEERGROUPS,
+            groups.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    groups.truncate(len as usize / 4);
+    Some(groups)
+}
+
+/// `SO_PEERPIDFD` (Linux 6.5+): a pidfd of the peer process, or `None` where unsupported.
+fn peer_pidfd(stream: &UnixStream) -> Option<OwnedFd> {
+    const SO_PEERPIDFD: nix::libc::c_int = 77;
+    let mut fd: nix::libc::c_int = -1;
+    let mut len = std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t;
+    // SAFETY: `fd` and `len` are valid for writes of their sizes.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            stream.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&mut fd as *mut nix::libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: on success the kernel gave us a new descriptor that nothing else owns.
+    (rc == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}

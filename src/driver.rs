@@ -1,0 +1,501 @@
+//! The bus driver: the methods of `org.freedesktop.DBus` and its companion interfaces, served by
+//! the bus itself at `/org/freedesktop/DBus`.
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+
+use tracing::{debug, info};
+use zbus::Message;
+use zbus::message::Type;
+use zbus::names::{BusName, WellKnownName};
+use zbus::{DynamicType, Fd, Type as ZType, Variant as Value};
+
+use crate::bus::names::RequestReply;
+use crate::bus::{Bus, DRIVER, DRIVER_PATH, PeerId, expects_reply};
+use crate::match_rule::MatchRule;
+
+/// A driver method's failure: a D-Bus error name and its message.
+pub struct Fail {
+    name: &'static str,
+    text: String,
+}
+
+fn fail(name: &'static str, text: impl Into<String>) -> Fail {
+    Fail { name, text: text.into() }
+}
+
+fn invalid_args(text: impl Into<String>) -> Fail {
+    fail("org.freedesktop.DBus.Error.InvalidArgs", text)
+}
+
+fn no_owner(text: impl Into<String>) -> Fail {
+    fail("org.freedesktop.DBus.Error.NameHasNoOwner", text)
+}
+
+type Outcome = Result<Message, Fail>;
+
+const PEER_IFACE: &str = "org.freedesktop.DBus.Peer";
+const INTROSPECTABLE_IFACE: &str = "org.freedesktop.DBus.Introspectable";
+const PROPERTIES_IFACE: &str = "org.freedesktop.DBus.Properties";
+const MONITORING_IFACE: &str = "org.freedesktop.DBus.Monitoring";
+
+impl Bus {
+    /// Handles a message addressed to `org.freedesktop.DBus`.
+    pub fn driver_call(&mut self, from: PeerId, msg: &Message) {
+        if msg.message_type() != Type::MethodCall {
+            return;
+        }
+        let header = msg.header();
+        let interface = header.interface().map(|i| i.as_str().to_owned());
+        let member = header.member().map(|m| m.as_str().to_owned()).unwrap_or_default();
+        drop(header);
+        debug!(from, member = %member, "driver call");
+        if member == "Hello" && interface.as_deref().is_none_or(|i| i == DRIVER) {
+            self.hello(from, msg);
+            return;
+        }
+        let outcome = if interface.as_deref() == Some(MONITORING_IFACE) && member == "BecomeMonitor" {
+            // On success it has replied itself, before the connection turned into a monitor.
+            match self.become_monitor(from, msg) {
+                Ok(()) => return,
+                Err(f) => Err(f),
+            }
+        } else {
+            self.driver_method(from, msg, interface.as_deref(), &member)
+        };
+        match outcome {
+            Ok(reply) if expects_reply(msg) => self.send_from_driver(from, &reply),
+            Ok(_) => {}
+            Err(f) => self.reply_error(from, msg, f.name, &f.text),
+        }
+    }
+
+    fn driver_method(&mut self, from: PeerId, msg: &Message, interface: Option<&str>, member: &str) -> Outcome {
+        match (interface, member) {
+            (Some(PEER_IFACE), "Ping") => reply(msg, &()),
+            (Some(PEER_IFACE), "GetMachineId") => reply(msg, &(self.machine_id.as_str(),)),
+            (Some(INTROSPECTABLE_IFACE), "Introspect") => reply(msg, &(introspect(msg),)),
+            (Some(PROPERTIES_IFACE), _) => self.properties(msg, member),
+            (None | Some(DRIVER), _) => self.bus_method(from, msg, member),
+            (Some(other), _) if !KNOWN_INTERFACES.contains(&other) => Err(fail(
+                "org.freedesktop.DBus.Error.UnknownInterface",
+                format!("org.freedesktop.DBus does not understand interface {other}"),
+            )),
+            (Some(other), _) => Err(unknown_method(other, member)),
+        }
+    }
+
+    fn bus_method(&mut self, from: PeerId, msg: &Message, member: &str) -> Outcome {
+        match member {
+            "RequestName" => self.request_name(from, msg),
+            "ReleaseName" => self.release_name(from, msg),
+            "ListQueuedOwners" => self.list_queued_owners(msg),
+            "ListNames" => reply(msg, &(self.list_names(),)),
+            "ListActivatableNames" => reply(msg, &(vec![DRIVER],)),
+            "NameHasOwner" => {
+                let (name,): (String,) = args(msg)?;
+                reply(msg, &(name == DRIVER || self.resolve(&name).is_some(),))
+            }
+            "GetNameOwner" => self.get_name_owner(msg),
+            "StartServiceByName" => self.start_service_by_name(msg),
+            "UpdateActivationEnvironment" | "ReloadConfig" => Err(fail(
+                "org.freedesktop.DBus.Error.NotSupported",
+                format!("{member} is not supported yet: this bus has no activation files to configure"),
+            )),
+            "AddMatch" => self.add_match(from, msg),
+            "RemoveMatch" => self.remove_match(from, msg),
+            "GetId" => reply(msg, &(self.guid.as_str(),)),
+            "GetConnectionUnixUser" => self.with_creds(msg, "UID", |c| reply(msg, &(c.uid,))),
+            "GetConnectionUnixProcessID" => self.with_creds(msg, "PID", |c| reply(msg, &(c.pid,))),
+            "GetConnectionCredentials" => self.connection_credentials(from, msg),
+            "GetConnectionSELinuxSecurityContext" => self.with_creds(msg, "security context", |c| match &c.security_label {
+                Some(label) => reply(msg, &(label.as_slice(),)),
+                None => Err(fail(
+                    "org.freedesktop.DBus.Error.SELinuxSecurityContextUnknown",
+                    "Could not determine security context: SELinux is not in use",
+                )),
+            }),
+            "GetAdtAuditSessionData" => self.with_creds(msg, "audit session data", |_| {
+                Err(fail(
+                    "org.freedesktop.DBus.Error.AdtAuditDataUnknown",
+                    "Could not determine audit session data: this bus does not support Solaris ADT",
+                ))
+            }),
+            _ => Err(unknown_method(DRIVER, member)),
+        }
+    }
+
+    /// `Hello`: the reply, then `NameOwnerChanged`, then `NameAcquired`, as dbus-daemon orders them.
+    fn hello(&mut self, from: PeerId, msg: &Message) {
+        let Some(peer) = self.peers.get_mut(&from) else { return };
+        if peer.registered {
+            self.reply_error(from, msg, "org.freedesktop.DBus.Error.Failed", "Already handled an Hello message");
+            return;
+        }
+        peer.registered = true;
+        let unique = peer.unique.clone();
+        debug!(peer = %unique, pid = peer.creds.pid, uid = peer.creds.uid, "client registered");
+        match reply(msg, &(unique.as_str(),)) {
+            Ok(r) => self.send_from_driver(from, &r),
+            Err(f) => tracing::warn!("cannot build Hello reply: {}", f.text),
+        }
+        self.broadcast_owner_changed(&unique, "", &unique);
+        match crate::bus::driver_signal("NameAcquired", Some(&unique), &(unique.as_str(),)) {
+            Ok(signal) => self.send_from_driver(from, &signal),
+            Err(e) => tracing::warn!("cannot build NameAcquired: {e}"),
+        }
+    }
+
+    fn request_name(&mut self, from: PeerId, msg: &Message) -> Outcome {
+        let (name, flags): (String, u32) = args(msg)?;
+        let name = ownable_name(&name)?;
+        if self.names.count_for(from) >= self.limits.max_names_per_connection {
+            return Err(fail(
+                "org.freedesktop.DBus.Error.LimitsExceeded",
+                "The maximum number of names per connection has been reached",
+            ));
+        }
+        let (result, events) = self.names.request(name, from, flags);
+        if result == RequestReply::PrimaryOwner {
+            debug!(name, from, "name acquired");
+        }
+        // dbus-daemon sends the signals of a change before the reply that reports it.
+        self.announce(events);
+        reply(msg, &(result as u32,))
+    }
+
+    fn release_name(&mut self, from: PeerId, msg: &Message) -> Outcome {
+        let (name,): (String,) = args(msg)?;
+        let name = ownable_name(&name)?;
+        let (result, events) = self.names.release(name, from);
+        self.announce(events);
+        reply(msg, &(result as u32,))
+    }
+
+    fn list_queued_owners(&self, msg: &Message) -> Outcome {
+        let (name,): (String,) = args(msg)?;
+        valid_bus_name(&name)?;
+        if name == DRIVER {
+            return reply(msg, &(vec![DRIVER],));
+        }
+        if name.starts_with(':') {
+            return match self.resolve(&name) {
+                Some(_) => reply(msg, &(vec![name.as_str()],)),
+                None => Err(no_owner(format!("Could not get owners of name '{name}': no such name"))),
+            };
+        }
+        let queue = self
+            .names
+            .queue(&name)
+            .ok_or_else(|| no_owner(format!("Could not get owners of name '{name}': no such name")))?;
+        let owners: Vec<&str> = queue.iter().filter_map(|&id| self.unique_name(id)).collect();
+        reply(msg, &(owners,))
+    }
+
+    fn list_names(&self) -> Vec<&str> {
+        let mut names = vec![DRIVER];
+        names.extend(self.peers.values().filter(|p| p.registered && !p.monitor).map(|p| p.unique.as_str()));
+        names.extend(self.names.names());
+        names
+    }
+
+    fn get_name_owner(&self, msg: &Message) -> Outcome {
+        let (name,): (String,) = args(msg)?;
+        valid_bus_name(&name)?;
+        if name == DRIVER {
+            return reply(msg, &(DRIVER,));
+        }
+        match self.resolve(&name).and_then(|id| self.unique_name(id)) {
+            Some(owner) => reply(msg, &(owner,)),
+            None => Err(no_owner(format!("Could not get owner of name '{name}': no such name"))),
+        }
+    }
+
+    fn start_service_by_name(&self, msg: &Message) -> Outcome {
+        let (name, _flags): (String, u32) = args(msg)?;
+        valid_bus_name(&name)?;
+        if name == DRIVER || self.resolve(&name).is_some() {
+            // DBUS_START_REPLY_ALREADY_RUNNING
+            return reply(msg, &(2u32,));
+        }
+        Err(fail(
+            "org.freedesktop.DBus.Error.ServiceUnknown",
+            format!("The name {name} was not provided by any .service files"),
+        ))
+    }
+
+    fn add_match(&mut self, from: PeerId, msg: &Message) -> Outcome {
+        let (text,): (String,) = args(msg)?;
+        let rule = MatchRule::parse(&text)
+            .map_err(|e| fail("org.freedesktop.DBus.Error.MatchRuleInvalid", format!("{e}")))?;
+        let max = self.limits.max_match_rules_per_connection;
+        let peer = self.peers.get_mut(&from).ok_or_else(|| invalid_args("unknown connection"))?;
+        if peer.rules.len() >= max {
+            return Err(fail(
+                "org.freedesktop.DBus.Error.LimitsExceeded",
+                "The maximum number of match rules per connection has been reached",
+            ));
+        }
+        peer.rules.push(rule);
+        reply(msg, &())
+    }
+
+    fn remove_match(&mut self, from: PeerId, msg: &Message) -> Outcome {
+        let (text,): (String,) = args(msg)?;
+        let rule = MatchRule::parse(&text)
+            .map_err(|e| fail("org.freedesktop.DBus.Error.MatchRuleInvalid", format!("{e}")))?;
+        let peer = self.peers.get_mut(&from).ok_or_else(|| invalid_args("unknown connection"))?;
+        let at = peer.rules.iter().position(|r| *r == rule).ok_or_else(|| {
+            fail(
+                "org.freedesktop.DBus.Error.MatchRuleNotFound",
+                "The given match rule wasn't found and can't be removed",
+            )
+        })?;
+        peer.rules.remove(at);
+        reply(msg, &())
+    }
+
+    /// Runs `f` on the credentials of the connection named by the call's one string argument.
+    fn with_creds(&self, msg: &Message, what: &str, f: impl FnOnce(&crate::bus::Credentials) -> Outcome) -> Outcome {
+        let (name,): (String,) = args(msg)?;
+        valid_bus_name(&name)?;
+        if name == DRIVER {
+            return f(&own_credentials());
+        }
+        let id = self
+            .resolve(&name)
+            .ok_or_else(|| no_owner(format!("Could not get {what} of name '{name}': no such name")))?;
+        match self.peers.get(&id) {
+            Some(peer) => f(&peer.creds),
+            None => Err(no_owner(format!("Could not get {what} of name '{name}': no such name"))),
+        }
+    }
+
+    fn connection_credentials(&self, from: PeerId, msg: &Message) -> Outcome {
+        let caller_takes_fds = self.peers.get(&from).is_some_and(|p| p.unix_fds);
+        self.with_creds(msg, "credentials", |c| {
+            let mut dict: HashMap<&str, Value<'_>> = HashMap::new();
+            dict.insert("UnixUserID", Value::U32(c.uid));
+            dict.insert("UnixGroupIDs", Value::from(c.gids.clone()));
+            dict.insert("ProcessID", Value::U32(c.pid));
+            if let Some(label) = &c.security_label {
+                dict.insert("LinuxSecurityLabel", Value::from(label.clone()));
+            }
+            if caller_takes_fds && let Some(pidfd) = &c.pidfd {
+                dict.insert("ProcessFD", Value::Fd(Fd::from(pidfd.as_fd())));
+            }
+            reply(msg, &(dict,))
+        })
+    }
+
+    fn properties(&self, msg: &Message, member: &str) -> Outcome {
+        match member {
+            "Get" => {
+                let (interface, property): (String, String) = args(msg)?;
+                if interface != DRIVER {
+                    return Err(unknown_interface(&interface));
+                }
+                match property.as_str() {
+                    "Features" => reply(msg, &(Value::from(features()),)),
+                    "Interfaces" => reply(msg, &(Value::from(optional_interfaces()),)),
+                    _ => Err(fail(
+                        "org.freedesktop.DBus.Error.UnknownProperty",
+                        format!("Interface {interface} has no property {property}"),
+                    )),
+                }
+            }
+            "GetAll" => {
+                let (interface,): (String,) = args(msg)?;
+                let mut all: HashMap<&str, Value<'_>> = HashMap::new();
+                if interface == DRIVER || interface.is_empty() {
+                    all.insert("Features", Value::from(features()));
+                    all.insert("Interfaces", Value::from(optional_interfaces()));
+                } else {
+                    return Err(unknown_interface(&interface));
+                }
+                reply(msg, &(all,))
+            }
+            "Set" => {
+                let (interface, property, _value): (String, String, zbus::OwnedVariant) = args(msg)?;
+                if interface != DRIVER {
+                    return Err(unknown_interface(&interface));
+                }
+                Err(fail(
+                    "org.freedesktop.DBus.Error.PropertyReadOnly",
+                    format!("Property {property} of {interface} is read-only"),
+                ))
+            }
+            _ => Err(unknown_method(PROPERTIES_IFACE, member)),
+        }
+    }
+
+    /// `BecomeMonitor`: the reply goes out first, then the connection turns into a monitor.
+    fn become_monitor(&mut self, from: PeerId, msg: &Message) -> Result<(), Fail> {
+        let (texts, flags): (Vec<String>, u32) = args(msg)?;
+        if flags != 0 {
+            return Err(invalid_args("BecomeMonitor: flags must be 0"));
+        }
+        let rules = texts
+            .iter()
+            .map(|t| MatchRule::parse(t))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| fail("org.freedesktop.DBus.Error.MatchRuleInvalid", format!("{e}")))?;
+        let done = reply(msg, &())?;
+        self.send_from_driver(from, &done);
+        if let Some(peer) = self.peers.get(&from) {
+            info!(peer = %peer.unique, "connection became a monitor");
+        }
+        self.make_monitor(from, rules);
+        Ok(())
+    }
+}
+
+const KNOWN_INTERFACES: &[&str] = &[DRIVER, PEER_IFACE, INTROSPECTABLE_IFACE, PROPERTIES_IFACE, MONITORING_IFACE];
+
+fn features() -> Vec<&'static str> {
+    Vec::new()
+}
+
+fn optional_interfaces() -> Vec<&'static str> {
+    vec![MONITORING_IFACE]
+}
+
+fn unknown_method(interface: &str, member: &str) -> Fail {
+    fail(
+        "org.freedesktop.DBus.Error.UnknownMethod",
+        format!("{DRIVER} does not understand message {interface}.{member}"),
+    )
+}
+
+fn unknown_interface(interface: &str) -> Fail {
+    fail(
+        "org.freedesktop.DBus.Error.UnknownInterface",
+        format!("{DRIVER} does not understand interface {interface}"),
+    )
+}
+
+/// The call's arguments, or `InvalidArgs` when its signature is not the method's.
+fn args<T>(msg: &Message) -> Result<T, Fail>
+where
+    T: serde::de::DeserializeOwned + ZType,
+{
+    let body = msg.body();
+    let signature = body.signature().to_string();
+    let expected = T::SIGNATURE.to_string();
+    body.deserialize::<T>().map_err(|_| {
+        invalid_args(format!(
+            "Call to {} has wrong args ({signature}, expected {})",
+            msg.header().member().map(|m| m.as_str()).unwrap_or(""),
+            expected.trim_start_matches('(').trim_end_matches(')')
+        ))
+    })
+}
+
+/// A method return from the driver to the caller.
+fn reply<B>(call: &Message, body: &B) -> Outcome
+where
+    B: serde::Serialize + DynamicType,
+{
+    let header = call.header();
+    let mut builder = Message::method_return(&header).sender(DRIVER);
+    if let Some(sender) = header.sender() {
+        builder = builder.destination(sender.as_str());
+    }
+    builder.build(body).map_err(|e| fail("org.freedesktop.DBus.Error.Failed", e.to_string()))
+}
+
+fn valid_bus_name(name: &str) -> Result<(), Fail> {
+    BusName::try_from(name)
+        .map(|_| ())
+        .map_err(|_| invalid_args(format!("'{name}' is not a valid bus name")))
+}
+
+/// A name a client may own: a valid well-known name other than the driver's.
+fn ownable_name(name: &str) -> Result<&str, Fail> {
+    if name.starts_with(':') {
+        return Err(invalid_args(format!("Cannot acquire a service starting with ':' such as \"{name}\"")));
+    }
+    WellKnownName::try_from(name).map_err(|_| invalid_args(format!("Requested bus name \"{name}\" is not valid")))?;
+    if name == DRIVER {
+        return Err(invalid_args(format!(
+            "Connection is not allowed to own the service \"{DRIVER}\" because it is reserved for D-Bus' use only"
+        )));
+    }
+    Ok(name)
+}
+
+/// The bus's own credentials, for questions about `org.freedesktop.DBus` itself.
+fn own_credentials() -> crate::bus::Credentials {
+    crate::bus::Credentials {
+        uid: nix::unistd::getuid().as_raw(),
+        pid: std::process::id(),
+        gids: vec![nix::unistd::getgid().as_raw()],
+        pidfd: None,
+        security_label: None,
+    }
+}
+
+/// The introspection data for a path: the driver's interfaces at its own path and at `/`, and the
+/// nodes that lead to it.
+fn introspect(msg: &Message) -> String {
+    let header = msg.header();
+    let path = header.path().map(|p| p.as_str()).unwrap_or("/");
+    let mut xml = String::from(
+        "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n\
+         \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n<node>\n",
+    );
+    if path == DRIVER_PATH || path == "/" {
+        xml.push_str(DRIVER_INTERFACES_XML);
+    }
+    let below = if path == "/" { DRIVER_PATH.strip_prefix('/') } else { DRIVER_PATH.strip_prefix(path).and_then(|r| r.strip_prefix('/')) };
+    if let Some(child) = below.and_then(|rest| rest.split('/').next()).filter(|c| !c.is_empty()) {
+        xml.push_str(&format!("  <node name=\"{child}\"/>\n"));
+    }
+    xml.push_str("</node>\n");
+    xml
+}
+
+const DRIVER_INTERFACES_XML: &str = r#"  <interface name="org.freedesktop.DBus">
+    <method name="Hello"><arg direction="out" type="s"/></method>
+    <method name="RequestName"><arg direction="in" type="s"/><arg direction="in" type="u"/><arg direction="out" type="u"/></method>
+    <method name="ReleaseName"><arg direction="in" type="s"/><arg direction="out" type="u"/></method>
+    <method name="StartServiceByName"><arg direction="in" type="s"/><arg direction="in" type="u"/><arg direction="out" type="u"/></method>
+    <method name="UpdateActivationEnvironment"><arg direction="in" type="a{ss}"/></method>
+    <method name="NameHasOwner"><arg direction="in" type="s"/><arg direction="out" type="b"/></method>
+    <method name="ListNames"><arg direction="out" type="as"/></method>
+    <method name="ListActivatableNames"><arg direction="out" type="as"/></method>
+    <method name="AddMatch"><arg direction="in" type="s"/></method>
+    <method name="RemoveMatch"><arg direction="in" type="s"/></method>
+    <method name="GetNameOwner"><arg direction="in" type="s"/><arg direction="out" type="s"/></method>
+    <method name="ListQueuedOwners"><arg direction="in" type="s"/><arg direction="out" type="as"/></method>
+    <method name="GetConnectionUnixUser"><arg direction="in" type="s"/><arg direction="out" type="u"/></method>
+    <method name="GetConnectionUnixProcessID"><arg direction="in" type="s"/><arg direction="out" type="u"/></method>
+    <method name="GetAdtAuditSessionData"><arg direction="in" type="s"/><arg direction="out" type="ay"/></method>
+    <method name="GetConnectionSELinuxSecurityContext"><arg direction="in" type="s"/><arg direction="out" type="ay"/></method>
+    <method name="ReloadConfig"/>
+    <method name="GetId"><arg direction="out" type="s"/></method>
+    <method name="GetConnectionCredentials"><arg direction="in" type="s"/><arg direction="out" type="a{sv}"/></method>
+    <property name="Features" type="as" access="read"/>
+    <property name="Interfaces" type="as" access="read"/>
+    <signal name="NameOwnerChanged"><arg type="s"/><arg type="s"/><arg type="s"/></signal>
+    <signal name="NameLost"><arg type="s"/></signal>
+    <signal name="NameAcquired"><arg type="s"/></signal>
+    <signal name="ActivatableServicesChanged"/>
+  </interface>
+  <interface name="org.freedesktop.DBus.Properties">
+    <method name="Get"><arg direction="in" type="s"/><arg direction="in" type="s"/><arg direction="out" type="v"/></method>
+    <method name="GetAll"><arg direction="in" type="s"/><arg direction="out" type="a{sv}"/></method>
+    <method name="Set"><arg direction="in" type="s"/><arg direction="in" type="s"/><arg direction="in" type="v"/></method>
+    <signal name="PropertiesChanged"><arg type="s" name="interface_name"/><arg type="a{sv}" name="changed_properties"/><arg type="as" name="invalidated_properties"/></signal>
+  </interface>
+  <interface name="org.freedesktop.DBus.Introspectable">
+    <method name="Introspect"><arg direction="out" type="s"/></method>
+  </interface>
+  <interface name="org.freedesktop.DBus.Monitoring">
+    <method name="BecomeMonitor"><arg direction="in" type="as"/><arg direction="in" type="u"/></method>
+  </interface>
+  <interface name="org.freedesktop.DBus.Peer">
+    <method name="GetMachineId"><arg direction="out" type="s"/></method>
+    <method name="Ping"/>
+  </interface>
+"#;

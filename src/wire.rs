@@ -1,0 +1,402 @@
+//! The D-Bus wire format at the level the bus needs it: cutting a byte stream into whole
+//! messages (with the file descriptors that came along), checking each one once, and writing
+//! queued messages out with vectored `sendmsg` calls.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use zbus::Message;
+use zbus::wire::Endian;
+use zbus::wire::serialized::{Context, Data};
+
+/// The largest message the specification allows (128 MiB).
+pub const MAX_MESSAGE_SIZE: usize = 1 << 27;
+/// The fixed part of the header plus the length of the header-field array.
+const FIXED_HEADER: usize = 16;
+/// How many bytes one read takes at most.
+const READ_CHUNK: usize = 128 * 1024;
+/// How many file descriptors one read can carry.
+const MAX_FDS_PER_READ: usize = 64;
+
+/// Why a connection's byte stream cannot be read as messages.
+#[derive(Debug)]
+pub enum WireError {
+    Io(io::Error),
+    /// The peer closed the connection.
+    Closed,
+    /// The bytes are not a valid message; the text says why.
+    Invalid(String),
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WireError::Io(e) => write!(f, "I/O error: {e}"),
+            WireError::Closed => f.write_str("connection closed by peer"),
+            WireError::Invalid(why) => write!(f, "invalid message: {why}"),
+        }
+    }
+}
+
+fn invalid(why: impl Into<String>) -> WireError {
+    WireError::Invalid(why.into())
+}
+
+/// The total length of the message whose first 16 bytes are `head`.
+fn frame_len(head: &[u8], max_size: usize) -> Result<usize, WireError> {
+    let endian = match head[0] {
+        b'l' => Endian::Little,
+        b'B' => Endian::Big,
+        other => return Err(invalid(format!("bad endianness byte {other:#04x}"))),
+    };
+    let u32_at = |at: usize| {
+        let b = [head[at], head[at + 1], head[at + 2], head[at + 3]];
+        match endian {
+            Endian::Little => u32::from_le_bytes(b),
+            Endian::Big => u32::from_be_bytes(b),
+        }
+    };
+    let body = u32_at(4) as usize;
+    let fields = u32_at(12) as usize;
+    // Each length alone is at most 2^27, so the sum cannot overflow.
+    if body > MAX_MESSAGE_SIZE || fields > MAX_MESSAGE_SIZE {
+        return Err(invalid("message length exceeds the maximum"));
+    }
+    let total = (FIXED_HEADER + fields).next_multiple_of(8) + body;
+    if total > max_size {
+        return Err(invalid(format!("message of {total} bytes exceeds the limit of {max_size}")));
+    }
+    Ok(total)
+}
+
+/// Cuts a connection's incoming bytes into messages.
+#[derive(Default)]
+pub struct FrameReader {
+    /// The start of a message not yet complete. Empty between messages, so an idle connection
+    /// holds no buffer.
+    partial: Vec<u8>,
+    /// File descriptors received and not yet claimed by a message.
+    fds: VecDeque<OwnedFd>,
+}
+
+impl FrameReader {
+    /// Starts with bytes already read (those that followed `BEGIN` in the handshake).
+    pub fn with_leftover(leftover: Vec<u8>) -> FrameReader {
+        FrameReader { partial: leftover, fds: VecDeque::new() }
+    }
+
+    /// Reads what the socket has (without blocking) and appends each whole, valid message to
+    /// `out`. Returns `Ok(false)` when the socket had nothing more to read.
+    pub fn read(
+        &mut self,
+        fd: RawFd,
+        scratch: &mut Vec<u8>,
+        limits: &FrameLimits,
+        out: &mut Vec<Message>,
+    ) -> Result<bool, WireError> {
+        scratch.resize(READ_CHUNK, 0);
+        let n = self.recv(fd, scratch)?;
+        self.take_messages(&scratch[..n], limits, out)?;
+        Ok(true)
+    }
+
+    /// Parses whatever complete messages the bytes held so far form (used for the handshake's
+    /// leftover before the first read).
+    pub fn drain_leftover(&mut self, limits: &FrameLimits, out: &mut Vec<Message>) -> Result<(), WireError> {
+        let partial = std::mem::take(&mut self.partial);
+        self.take_messages(&partial, limits, out)
+    }
+
+    fn recv(&mut self, fd: RawFd, buf: &mut [u8]) -> Result<usize, WireError> {
+        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_READ]);
+        let mut iov = [IoSliceMut::new(buf)];
+        let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT)
+            .map_err(|e| WireError::Io(e.into()))?;
+        let n = msg.bytes;
+        for c in msg.cmsgs().map_err(|e| WireError::Io(e.into()))? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                // SAFETY: the kernel just handed us these descriptors; nothing else owns them.
+                self.fds.extend(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+            return Err(invalid("too many file descriptors in one read"));
+        }
+        if n == 0 {
+            return Err(WireError::Closed);
+        }
+        Ok(n)
+    }
+
+    fn take_messages(&mut self, mut data: &[u8], limits: &FrameLimits, out: &mut Vec<Message>) -> Result<(), WireError> {
+        if !self.partial.is_empty() {
+            data = self.complete_partial(data, limits, out)?;
+        }
+        while data.len() >= FIXED_HEADER {
+            let total = frame_len(data, limits.max_message_size)?;
+            if data.len() < total {
+                break;
+            }
+            out.push(self.parse(data[..total].to_vec(), limits)?);
+            data = &data[total..];
+        }
+        if !data.is_empty() {
+            self.partial.extend_from_slice(data);
+        }
+        Ok(())
+    }
+
+    /// Feeds bytes into the partial message; returns the bytes that remain after it.
+    fn complete_partial<'d>(
+        &mut self,
+        mut data: &'d [u8],
+        limits: &FrameLimits,
+        out: &mut Vec<Message>,
+    ) -> Result<&'d [u8], WireError> {
+        if self.partial.len() < FIXED_HEADER {
+            let take = (FIXED_HEADER - self.partial.len()).min(data.len());
+            self.partial.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.partial.len() < FIXED_HEADER {
+                return Ok(data);
+            }
+        }
+        let total = frame_len(&self.partial, limits.max_message_size)?;
+        self.partial.reserve_exact(total.saturating_sub(self.partial.len()));
+        let take = (total - self.partial.len()).min(data.len());
+        self.partial.extend_from_slice(&data[..take]);
+        if self.partial.len() == total {
+            let whole = std::mem::take(&mut self.partial);
+            out.push(self.parse(whole, limits)?);
+        }
+        Ok(&data[take..])
+    }
+
+    /// Checks one whole message: header, then body against its signature.
+    fn parse(&mut self, bytes: Vec<u8>, limits: &FrameLimits) -> Result<Message, WireError> {
+        let endian = if bytes[0] == b'B' { Endian::Big } else { Endian::Little };
+        let nfds = declared_fds(&bytes, endian);
+        if nfds > limits.max_fds {
+            return Err(invalid(format!("message carries {nfds} file descriptors, more than {}", limits.max_fds)));
+        }
+        if nfds > self.fds.len() {
+            return Err(invalid(format!("message declares {nfds} file descriptors but {} arrived", self.fds.len())));
+        }
+        let fds: Vec<OwnedFd> = self.fds.drain(..nfds).collect();
+        let data = Data::new_fds(bytes, Context::new(endian, 0), fds);
+        // SAFETY: `from_bytes` checks the header itself; the body is checked right below, before
+        // anything reads it.
+        let msg = unsafe { Message::from_bytes(data) }.map_err(|e| invalid(format!("bad header: {e}")))?;
+        msg.body().validate().map_err(|e| invalid(format!("bad body: {e}")))?;
+        Ok(msg)
+    }
+}
+
+/// The value of the UNIX_FDS header field (code 9), found by a walk over the fields. The header
+/// is checked properly later; a malformed one here just reads as 0.
+fn declared_fds(bytes: &[u8], endian: Endian) -> usize {
+    let u32_at = |at: usize| -> Option<u32> {
+        let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
+        Some(match endian {
+            Endian::Little => u32::from_le_bytes(b),
+            Endian::Big => u32::from_be_bytes(b),
+        })
+    };
+    let Some(fields_len) = u32_at(12) else { return 0 };
+    let end = (FIXED_HEADER + fields_len as usize).min(bytes.len());
+    let mut at = FIXED_HEADER;
+    while at + 4 <= end {
+        let code = bytes[at];
+        let sig_len = bytes[at + 1] as usize;
+        let sig = bytes.get(at + 2..at + 2 + sig_len).unwrap_or(b"");
+        let value_at = at + 2 + sig_len + 1;
+        let (value_end, value) = match sig {
+            b"u" => {
+                let v = value_at.next_multiple_of(4);
+                (v + 4, u32_at(v))
+            }
+            b"s" | b"o" => {
+                let v = value_at.next_multiple_of(4);
+                (v + 4 + u32_at(v).unwrap_or(0) as usize + 1, None)
+            }
+            b"g" => (value_at + 1 + *bytes.get(value_at).unwrap_or(&0) as usize + 1, None),
+            _ => return 0,
+        };
+        if code == 9 {
+            return value.unwrap_or(0) as usize;
+        }
+        at = value_end.next_multiple_of(8);
+    }
+    0
+}
+
+/// The size limits that reading enforces.
+#[derive(Debug, Clone)]
+pub struct FrameLimits {
+    pub max_message_size: usize,
+    pub max_fds: usize,
+}
+
+/// Messages waiting to be written to one connection.
+#[derive(Default)]
+pub struct Outbox {
+    queue: VecDeque<Message>,
+    /// How much of the front message has been written already.
+    offset: usize,
+    /// Bytes queued and not yet written.
+    bytes: usize,
+}
+
+/// How many messages one `sendmsg` call covers at most.
+const MAX_IOVECS: usize = 64;
+
+impl Outbox {
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn push(&mut self, msg: Message) {
+        self.bytes += msg.data().len();
+        self.queue.push_back(msg);
+    }
+
+    /// Writes as much as the socket takes without blocking. Fails with `WouldBlock` when the
+    /// socket is full before the queue is empty.
+    pub fn flush(&mut self, fd: RawFd) -> io::Result<()> {
+        while !self.queue.is_empty() {
+            let written = match self.send_some(fd) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            self.advance(written);
+        }
+        // Give back the memory of a burst once it is written.
+        if self.queue.capacity() > 64 {
+            self.queue.shrink_to(8);
+        }
+        Ok(())
+    }
+
+    /// One `sendmsg` over the front messages. The file descriptors of a message go with its
+    /// first byte, so a batch stops before the next message that carries any.
+    fn send_some(&self, fd: RawFd) -> nix::Result<usize> {
+        let mut iov = Vec::with_capacity(self.queue.len().min(MAX_IOVECS));
+        let mut fds: Vec<RawFd> = Vec::new();
+        for (i, msg) in self.queue.iter().take(MAX_IOVECS).enumerate() {
+            let msg_fds = msg.data().fds();
+            if i == 0 {
+                if self.offset == 0 {
+                    fds.extend(msg_fds.iter().map(|f| f.as_raw_fd()));
+                }
+                iov.push(IoSlice::new(&msg.data().bytes()[self.offset..]));
+            } else {
+                if !msg_fds.is_empty() {
+                    break;
+                }
+                iov.push(IoSlice::new(msg.data().bytes()));
+            }
+        }
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+        sendmsg::<()>(fd, &iov, cmsgs, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL, None)
+    }
+
+    fn advance(&mut self, mut written: usize) {
+        self.bytes -= written;
+        while written > 0 {
+            let Some(front) = self.queue.front() else { break };
+            let left = front.data().len() - self.offset;
+            if written >= left {
+                written -= left;
+                self.offset = 0;
+                self.queue.pop_front();
+            } else {
+                self.offset += written;
+                written = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> FrameLimits {
+        FrameLimits { max_message_size: MAX_MESSAGE_SIZE, max_fds: 16 }
+    }
+
+    fn call() -> Message {
+        Message::method_call("/a", "Ping")
+            .unwrap()
+            .interface("org.example.I")
+            .unwrap()
+            .destination("org.example")
+            .unwrap()
+            .build(&("hello", 42u32))
+            .unwrap()
+    }
+
+    #[test]
+    fn cuts_messages_split_at_any_byte() {
+        let bytes = [call().data().bytes(), call().data().bytes()].concat();
+        for cut in 0..bytes.len() {
+            let mut reader = FrameReader::default();
+            let mut out = Vec::new();
+            reader.take_messages(&bytes[..cut], &limits(), &mut out).unwrap();
+            reader.take_messages(&bytes[cut..], &limits(), &mut out).unwrap();
+            assert_eq!(out.len(), 2, "cut at {cut}");
+            assert!(reader.partial.is_empty());
+        }
+    }
+
+    #[test]
+    fn rejects_garbage_and_oversized_messages() {
+        let mut reader = FrameReader::default();
+        let err = reader.take_messages(&[b'x'; 32], &limits(), &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("endianness"));
+
+        let mut big = call().data().bytes().to_vec();
+        big[4..8].copy_from_slice(&(200u32 << 20).to_le_bytes());
+        let err = FrameReader::default().take_messages(&big, &limits(), &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("exceeds"), "{err}");
+    }
+
+    #[test]
+    fn rejects_a_body_that_does_not_match_its_signature() {
+        let mut bytes = call().data().bytes().to_vec();
+        // The string's length field is the first 4 bytes of the body; make it run past the end.
+        let body_start = bytes.len() - 16;
+        bytes[body_start..body_start + 4].copy_from_slice(&1000u32.to_le_bytes());
+        let err = FrameReader::default().take_messages(&bytes, &limits(), &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("bad body"), "{err}");
+    }
+
+    #[test]
+    fn claims_the_declared_file_descriptors() {
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let msg = Message::method_call("/a", "Take")
+            .unwrap()
+            .build(&(zbus::Fd::from(&file),))
+            .unwrap();
+        let bytes = msg.data().bytes();
+        assert_eq!(declared_fds(bytes, Endian::Little), 1);
+
+        let err = FrameReader::default().take_messages(bytes, &limits(), &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("declares 1 file descriptors but 0 arrived"), "{err}");
+
+        let mut reader = FrameReader::default();
+        reader.fds.push_back(OwnedFd::from(file.try_clone().unwrap()));
+        let mut out = Vec::new();
+        reader.take_messages(bytes, &limits(), &mut out).unwrap();
+        assert_eq!(out[0].data().fds().len(), 1);
+        assert!(reader.fds.is_empty());
+    }
+}
