@@ -335,11 +335,8 @@ mod tests {
 
     fn call() -> Message {
         Message::method_call("/a", "Ping")
-            .unwrap()
             .interface("org.example.I")
-            .unwrap()
             .destination("org.example")
-            .unwrap()
             .build(&("hello", 42u32))
             .unwrap()
     }
@@ -383,7 +380,6 @@ mod tests {
     fn claims_the_declared_file_descriptors() {
         let file = std::fs::File::open("/dev/null").unwrap();
         let msg = Message::method_call("/a", "Take")
-            .unwrap()
             .build(&(zbus::Fd::from(&file),))
             .unwrap();
         let bytes = msg.data().bytes();

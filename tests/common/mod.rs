@@ -1,0 +1,271 @@
+//! What the integration tests share: a real `broker` process on a temporary socket, and a raw
+//! client that speaks the protocol byte by byte, for what well-behaved libraries never send.
+#![allow(dead_code)] // Each test binary uses a different part of this module.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use zbus::Message;
+use zbus::wire::Endian;
+use zbus::wire::serialized::{Context, Data};
+
+/// A running broker, stopped with SIGTERM when dropped.
+pub struct Broker {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    /// The address the broker printed, with its guid.
+    pub address: String,
+    log: PathBuf,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        Broker::start_with(&[])
+    }
+
+    /// Starts `broker --session` on a socket in a fresh directory, with extra arguments.
+    pub fn start_with(extra: &[&str]) -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("bus");
+        let log = dir.path().join("broker.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))
+            .arg("--session")
+            .arg(format!("--address=unix:path={}", socket.display()))
+            .arg("--print-address")
+            .args(extra)
+            .env("BROKER_LOG", "debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start broker");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read address");
+        assert!(line.starts_with("unix:path="), "broker printed {line:?}; log: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        Broker { child, dir, socket, address: line.trim().to_owned(), log }
+    }
+
+    /// The address for clients, without the guid.
+    pub fn client_address(&self) -> String {
+        format!("unix:path={}", self.socket.display())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the broker logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "log never said {needle:?}:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// A zbus client connection.
+    pub async fn zbus(&self) -> zbus::Connection {
+        zbus::connection::Builder::address(self.client_address().as_str())
+            .build()
+            .await
+            .expect("zbus connects")
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().expect("wait broker")
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.stop();
+        }
+    }
+}
+
+/// A client on a plain socket that authenticates and frames messages itself.
+pub struct RawClient {
+    pub stream: UnixStream,
+    buf: Vec<u8>,
+    /// File descriptors received and not yet handed out with a message.
+    fds: Vec<std::os::fd::OwnedFd>,
+    pub unique: String,
+    serial: u32,
+}
+
+impl RawClient {
+    /// Connects and authenticates, without `Hello`.
+    pub fn connect_unregistered(socket: &Path) -> RawClient {
+        let mut stream = UnixStream::connect(socket).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let uid = nix::unistd::getuid().as_raw().to_string();
+        let hex: String = uid.bytes().map(|b| format!("{b:02x}")).collect();
+        stream.write_all(format!("\0AUTH EXTERNAL {hex}\r\nNEGOTIATE_UNIX_FD\r\nBEGIN\r\n").as_bytes()).expect("auth");
+        let mut client = RawClient { stream, buf: Vec::new(), fds: Vec::new(), unique: String::new(), serial: 1 };
+        let ok = client.read_line();
+        assert!(ok.starts_with("OK "), "auth reply {ok:?}");
+        let agree = client.read_line();
+        assert_eq!(agree, "AGREE_UNIX_FD");
+        client
+    }
+
+    /// Connects, authenticates and says `Hello`.
+    pub fn connect(socket: &Path) -> RawClient {
+        let mut client = RawClient::connect_unregistered(socket);
+        let hello = client.driver_call("Hello", &()).expect("Hello");
+        client.unique = hello.body().deserialize::<String>().expect("unique name");
+        // NameAcquired for the unique name follows the reply.
+        let acquired = client.recv_until(|m| member_of(m) == "NameAcquired");
+        assert_eq!(acquired.body().deserialize::<String>().unwrap(), client.unique);
+        client
+    }
+
+    fn read_line(&mut self) -> String {
+        loop {
+            if let Some(pos) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line: Vec<u8> = self.buf.drain(..pos + 2).collect();
+                return String::from_utf8_lossy(&line[..pos]).into_owned();
+            }
+            self.fill();
+        }
+    }
+
+    fn fill(&mut self) {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+        let mut chunk = [0u8; 65536];
+        let mut cmsg = nix::cmsg_space!([RawFd; 16]);
+        let mut iov = [std::io::IoSliceMut::new(&mut chunk)];
+        let msg = recvmsg::<()>(self.stream.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+            .expect("read from broker");
+        let n = msg.bytes;
+        for c in msg.cmsgs().expect("cmsgs") {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                // SAFETY: fresh descriptors from the kernel.
+                self.fds.extend(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+        assert!(n > 0, "broker closed the connection");
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+
+    pub fn next_serial(&mut self) -> std::num::NonZeroU32 {
+        self.serial += 1;
+        std::num::NonZeroU32::new(self.serial).expect("nonzero")
+    }
+
+    pub fn send(&mut self, msg: &Message) {
+        self.stream.write_all(msg.data().bytes()).expect("send");
+    }
+
+    /// Reads one message.
+    pub fn recv(&mut self) -> Message {
+        loop {
+            if self.buf.len() >= 16 {
+                let u32_at = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize;
+                let total = (16 + u32_at(&self.buf, 12)).next_multiple_of(8) + u32_at(&self.buf, 4);
+                if self.buf.len() >= total {
+                    let bytes: Vec<u8> = self.buf.drain(..total).collect();
+                    let data = Data::new_fds(bytes, Context::new(Endian::Little, 0), std::mem::take(&mut self.fds));
+                    // SAFETY: the broker validated this message; the test trusts its bus.
+                    return unsafe { Message::from_bytes(data) }.expect("valid message from broker");
+                }
+            }
+            self.fill();
+        }
+    }
+
+    /// Reads messages until one satisfies `pred`, dropping the others.
+    pub fn recv_until(&mut self, pred: impl Fn(&Message) -> bool) -> Message {
+        loop {
+            let msg = self.recv();
+            if pred(&msg) {
+                return msg;
+            }
+        }
+    }
+
+    /// Calls a driver method and returns its reply (`Err` holds an error reply).
+    pub fn driver_call<B>(&mut self, member: &str, body: &B) -> Result<Message, Message>
+    where
+        B: serde::Serialize + zbus::DynamicType,
+    {
+        let serial = self.next_serial();
+        let call = Message::method_call("/org/freedesktop/DBus", member)
+            .interface("org.freedesktop.DBus")
+            .destination("org.freedesktop.DBus")
+            .serial(serial)
+            .build(body)
+            .expect("build call");
+        self.send(&call);
+        self.reply_to(serial)
+    }
+
+    /// Waits for the reply to `serial`.
+    pub fn reply_to(&mut self, serial: std::num::NonZeroU32) -> Result<Message, Message> {
+        let reply = self.recv_until(|m| m.header().reply_serial() == Some(serial));
+        match reply.message_type() {
+            zbus::message::Type::Error => Err(reply),
+            _ => Ok(reply),
+        }
+    }
+
+    /// Whether the broker has closed this connection (EOF within the timeout).
+    pub fn closed_by_broker(&mut self) -> bool {
+        self.stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut chunk = [0u8; 65536];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+pub fn member_of(msg: &Message) -> String {
+    msg.header().member().map(|m| m.to_string()).unwrap_or_default()
+}
+
+pub fn error_name(msg: &Message) -> String {
+    msg.header().error_name().map(|m| m.to_string()).unwrap_or_default()
+}
+
+/// Runs a command line client with the bus as the session bus; returns (success, stdout, stderr).
+pub fn run_client(broker: &Broker, program: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(program)
+        .args(args)
+        .env("DBUS_SESSION_BUS_ADDRESS", broker.client_address())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
