@@ -282,7 +282,7 @@ impl Write for Captured {
 fn output_lines_and_process_ends_are_logged_with_the_service_name() {
     with_supervisor(|supervisor, mut events| async move {
         // Written so that the argv (which is logged too) holds none of the lines.
-        let script = "o=out e=err; echo \"hello $o\"; echo \"hello $e\" >&2; printf 'no%snewline' ' '; exit 4";
+        let script = "o=out e=err; echo \"hello $o\"; echo \"hello $e\" >&2; printf '%020000d\\n' 7; printf 'no%snewline' ' '; exit 4";
         let pid = supervisor
             .spawn("org.example.Talk", &sh(script))
             .expect("spawn");
@@ -298,6 +298,9 @@ fn output_lines_and_process_ends_are_logged_with_the_service_name() {
             let line = captured.line_with(&tag, text).await;
             assert!(line.contains(&format!("stream=\"{stream}\"")), "{line}");
         }
+        // A 20000-byte line is logged in pieces of at most 16 KiB.
+        let piece = captured.line_with(&tag, &"0".repeat(16 * 1024)).await;
+        assert!(!piece.contains(&"0".repeat(16 * 1024 + 1)), "{piece}");
         captured.line_with(&tag, "service process started").await;
         captured.line_with(&tag, "exited with status 4").await;
     });
