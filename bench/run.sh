@@ -3,6 +3,7 @@
 #
 # Usage: bench/run.sh [--smoke] [--buses "broker dbus-daemon busd"]
 #                     [--out FILE] [--allow-failures] [--no-build]
+#                     [--broker PATH]
 #
 #   --smoke           every workload, very briefly (seconds in all): proves the
 #                     harness works; writes target/bench/BENCHMARKS.smoke.md
@@ -14,6 +15,7 @@
 #                     failed. Without it the script still measures everything
 #                     it can and writes the report, then exits 1.
 #   --no-build        use the binaries already in target/release.
+#   --broker PATH     measure this broker binary instead of building one.
 #
 # What it does: builds broker and broker-bench (release), installs busd 0.6.1
 # into bench-tools/ (ignored by git) if it is not there, raises the open-file
@@ -61,6 +63,7 @@ BUSES="broker dbus-daemon busd"
 OUT=""
 ALLOW_FAILURES=0
 BUILD=1
+BUILD_BROKER=1
 ARGS=("$@")
 while (($#)); do
     case $1 in
@@ -69,6 +72,7 @@ while (($#)); do
         --out) OUT=$2; shift ;;
         --allow-failures) ALLOW_FAILURES=1 ;;
         --no-build) BUILD=0 ;;
+        --broker) BROKER=$2; BUILD_BROKER=0; shift ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -118,8 +122,10 @@ fail() {
 
 build() {
     ((BUILD)) || return 0
-    log "building broker and broker-bench (release)"
-    cargo build --release --manifest-path "$ROOT/Cargo.toml" -p broker -p broker-bench >&2
+    local packages=(-p broker-bench)
+    ((BUILD_BROKER)) && packages+=(-p broker)
+    log "building ${packages[*]} (release)"
+    cargo build --release --manifest-path "$ROOT/Cargo.toml" "${packages[@]}" >&2
 }
 
 install_busd() {
@@ -380,17 +386,22 @@ write_report() {
                 "$(cell broker "$key")" "$(cell dbus-daemon "$key")" "$(cell busd "$key")" \
                 "$([[ -n $floor ]] && format "$floor" || echo "")" \
                 "$(ratio broker dbus-daemon "$key")" "$(ratio broker busd "$key")" \
-                "$([[ -n $floor ]] && ratio broker p2p "$key" || echo "")"
+                "$([[ $key == rt* ]] && ratio broker p2p "$key" || echo "")"
         done
         echo
         echo "↓ lower is better, ↑ higher is better. A bus not measured in this run shows —."
         echo "MB = 10^6 bytes of payload carried one way. Pinned: the bus, the client and the"
         echo "echo peer all run under \`taskset -c 0\`. The p2p floor is the same client and echo"
-        echo "peer on a direct socket, without a bus."
+        echo "peer on a direct socket, without a bus: for round trips it is the floor, for"
+        echo "throughput and payloads it shows that the load generator is not the bottleneck."
         echo
         echo "Versions:"
         echo
-        echo "- broker: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown) (release build)"
+        if ((BUILD_BROKER)); then
+            echo "- broker: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown) (release build)"
+        else
+            echo "- broker: $BROKER"
+        fi
         echo "- $(dbus-daemon --version | head -n1)"
         echo "- $("$BUSD" --version 2>/dev/null || echo "busd: not installed")"
         echo "- $(rustc --version)"
