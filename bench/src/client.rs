@@ -12,8 +12,9 @@ use anyhow::{Context, Result, bail, ensure};
 
 use crate::wire::{self, Body, Frame, Header, Kind};
 
-/// How long any blocking read waits before the bench gives up on a bus.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a blocking read or write waits before the bench gives up on a
+/// bus that stopped reading or answering.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bytes asked of the kernel per read when no bigger message is pending.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -22,11 +23,16 @@ const BUS_PATH: &str = "/org/freedesktop/DBus";
 
 /// Opens a unix socket to the first `unix:` entry of a D-Bus address
 /// (`path=` or `abstract=`), as printed by `--print-address`.
-pub fn connect_socket(address: &str) -> Result<UnixStream> {
+fn connect_socket(address: &str) -> Result<UnixStream> {
     let addr = socket_addr(address)?;
     let stream =
         UnixStream::connect_addr(&addr).with_context(|| format!("cannot connect to {address}"))?;
-    stream.set_read_timeout(Some(READ_TIMEOUT))?;
+    with_timeouts(stream)
+}
+
+fn with_timeouts(stream: UnixStream) -> Result<UnixStream> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
     Ok(stream)
 }
 
@@ -94,7 +100,7 @@ impl Inbox {
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    bail!("no data from the peer for {READ_TIMEOUT:?}")
+                    bail!("no data from the peer for {IO_TIMEOUT:?}")
                 }
                 Err(e) => return Err(e).context("read failed"),
             }
@@ -205,7 +211,11 @@ impl Conn {
     pub fn p2p(path: &str) -> Result<Self> {
         let stream =
             UnixStream::connect(path).with_context(|| format!("cannot connect to {path}"))?;
-        stream.set_read_timeout(Some(READ_TIMEOUT))?;
+        Self::p2p_handshake(with_timeouts(stream)?)
+    }
+
+    /// The client side of a p2p handshake (no `Hello`) on a connected socket.
+    pub fn p2p_handshake(stream: UnixStream) -> Result<Self> {
         let mut conn = Self::new(stream);
         conn.authenticate()?;
         conn.write(b"BEGIN\r\n")?;
@@ -407,6 +417,7 @@ mod tests {
         });
         let mut client = Conn::new(client_side);
         client.authenticate()?;
+        // The call rides in the same write as BEGIN: accept must keep it.
         let mut out = b"BEGIN\r\n".to_vec();
         client.push_call(
             &mut out,

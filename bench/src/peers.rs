@@ -51,13 +51,17 @@ pub fn trivial_service(name: &str) -> Result<()> {
     let mut conn = Conn::bus(&address)?;
     conn.request_name(name)?;
     conn.stream.set_read_timeout(None)?;
-    serve(&mut conn, |call| {
-        if call.member == Some(QUIT_MEMBER) {
-            Action::Stop
-        } else {
-            Action::Echo
-        }
-    })
+    serve(&mut conn, quit_or_echo)
+}
+
+/// The trivial service's answer to a call: `Quit` stops it, anything else
+/// is echoed (so `Peer.Ping` and friends get a reply).
+fn quit_or_echo(call: &Frame) -> Action {
+    if call.member == Some(QUIT_MEMBER) {
+        Action::Stop
+    } else {
+        Action::Echo
+    }
 }
 
 /// What to do with one incoming method call.
@@ -105,5 +109,40 @@ fn serve(conn: &mut Conn, decide: impl Fn(&Frame) -> Action) -> Result<()> {
         if !conn.inbox.try_fill(&conn.stream)? {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::wire::Body;
+
+    #[test]
+    fn echoes_bodies_and_stops_on_quit() -> Result<()> {
+        let (client_side, server_side) = UnixStream::pair()?;
+        let server = std::thread::spawn(move || -> Result<()> {
+            serve(&mut Conn::accept(server_side)?, quit_or_echo)
+        });
+        let mut client = Conn::p2p_handshake(client_side)?;
+        let body = Body::default().string("hello").u32(7);
+        let mut out = Vec::new();
+        let serial = client.push_call(&mut out, None, ECHO_INTERFACE, "Echo", &body);
+        client.write(&out)?;
+        let reply = client.wait_reply(serial)?;
+        let frame = reply.frame()?;
+        assert_eq!(frame.kind, Some(Kind::MethodReturn));
+        assert_eq!((frame.signature, frame.body), ("su", body.bytes()));
+        client.call_no_reply("bench.Trivial", "bench.Trivial", QUIT_MEMBER)?;
+        let served = server
+            .join()
+            .map_err(|_| anyhow::anyhow!("server panicked"))?;
+        assert!(served.is_ok(), "serve ended with {served:?}");
+        assert!(
+            !client.inbox.try_fill(&client.stream)?,
+            "server kept the socket open"
+        );
+        Ok(())
     }
 }

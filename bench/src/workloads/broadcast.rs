@@ -34,40 +34,56 @@ pub fn run(opts: &Options) -> Result<()> {
     opts.finish()?;
 
     let mut emitter = Conn::bus(address)?;
-    let matching = format!("type='signal',interface='{INTERFACE}',member='{MEMBER}'");
-    let mut streams = Vec::with_capacity(subscribers);
-    let mut inboxes = Vec::with_capacity(subscribers);
-    for _ in 0..subscribers {
-        let mut conn = Conn::bus(address)?;
-        conn.add_match(&matching)?;
-        streams.push(conn.stream);
-        inboxes.push(conn.inbox);
-    }
+    let (streams, mut inboxes) = subscribe(address, subscribers)?;
     let _rule_holders = non_matching_rules(address, idle_conns, rules_per_conn)?;
-
     let mut rates = Vec::with_capacity(rounds);
     for round in 0..=rounds {
         let burst = signal_burst(&mut emitter, signals);
-        let elapsed = std::thread::scope(|scope| {
-            let start = Instant::now();
-            let writer = scope.spawn(|| emitter.write(&burst));
-            let counted = count_deliveries(&streams, &mut inboxes, signals);
-            writer
-                .join()
-                .unwrap_or_else(|_| bail!("emitter thread panicked"))?;
-            counted.map(|()| start.elapsed())
-        })?;
+        let elapsed = timed_round(&emitter, &burst, &streams, &mut inboxes, signals)?;
         let rate = (subscribers * signals) as f64 / elapsed.as_secs_f64();
-        eprintln!(
-            "broadcast round {round}: {rate:.0} deliveries/s{}",
-            if round == 0 { " (warm-up)" } else { "" }
-        );
+        let note = if round == 0 { " (warm-up)" } else { "" };
+        eprintln!("broadcast round {round}: {rate:.0} deliveries/s{note}");
         if round > 0 {
             rates.push(rate);
         }
     }
     report("deliveries_per_s", median(&mut rates));
     Ok(())
+}
+
+/// Connects `count` subscribers with the matching rule; returns their
+/// sockets and receive buffers apart, so one thread can poll them all.
+fn subscribe(address: &str, count: usize) -> Result<(Vec<UnixStream>, Vec<Inbox>)> {
+    let matching = format!("type='signal',interface='{INTERFACE}',member='{MEMBER}'");
+    let mut streams = Vec::with_capacity(count);
+    let mut inboxes = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut conn = Conn::bus(address)?;
+        conn.add_match(&matching)?;
+        streams.push(conn.stream);
+        inboxes.push(conn.inbox);
+    }
+    Ok((streams, inboxes))
+}
+
+/// Sends `burst` from another thread and returns the time until every
+/// subscriber has received all `signals` of it.
+fn timed_round(
+    emitter: &Conn,
+    burst: &[u8],
+    streams: &[UnixStream],
+    inboxes: &mut [Inbox],
+    signals: usize,
+) -> Result<Duration> {
+    std::thread::scope(|scope| {
+        let start = Instant::now();
+        let writer = scope.spawn(|| emitter.write(burst));
+        let counted = count_deliveries(streams, inboxes, signals);
+        writer
+            .join()
+            .unwrap_or_else(|_| bail!("emitter thread panicked"))?;
+        counted.map(|()| start.elapsed())
+    })
 }
 
 /// `count` signals from `emitter`, marshalled back to back.
