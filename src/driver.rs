@@ -12,7 +12,7 @@ use zbus::{DynamicType, Fd, Type as ZType, Variant as Value};
 
 use crate::bus::names::RequestReply;
 use crate::bus::{Bus, DRIVER, DRIVER_PATH, PeerId, expects_reply};
-use crate::match_rule::MatchRule;
+use crate::match_rule::{MatchRule, MatchRuleError};
 
 /// A driver method's failure: a D-Bus error name and its message.
 pub struct Fail {
@@ -227,7 +227,7 @@ impl Bus {
     fn add_match(&mut self, from: PeerId, msg: &Message) -> Outcome {
         let (text,): (String,) = args(msg)?;
         let rule = MatchRule::parse(&text)
-            .map_err(|e| fail("org.freedesktop.DBus.Error.MatchRuleInvalid", format!("{e}")))?;
+            .map_err(rule_error)?;
         let max = self.limits.max_match_rules_per_connection;
         let peer = self.peers.get_mut(&from).ok_or_else(|| invalid_args("unknown connection"))?;
         if peer.rules.len() >= max {
@@ -243,7 +243,7 @@ impl Bus {
     fn remove_match(&mut self, from: PeerId, msg: &Message) -> Outcome {
         let (text,): (String,) = args(msg)?;
         let rule = MatchRule::parse(&text)
-            .map_err(|e| fail("org.freedesktop.DBus.Error.MatchRuleInvalid", format!("{e}")))?;
+            .map_err(rule_error)?;
         let peer = self.peers.get_mut(&from).ok_or_else(|| invalid_args("unknown connection"))?;
         let at = peer.rules.iter().position(|r| *r == rule).ok_or_else(|| {
             fail(
@@ -339,7 +339,7 @@ impl Bus {
             .iter()
             .map(|t| MatchRule::parse(t))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| fail("org.freedesktop.DBus.Error.MatchRuleInvalid", format!("{e}")))?;
+            .map_err(rule_error)?;
         let done = reply(msg, &())?;
         self.send_from_driver(from, &done);
         if let Some(peer) = self.peers.get(&from) {
@@ -358,6 +358,11 @@ fn features() -> Vec<&'static str> {
 
 fn optional_interfaces() -> Vec<&'static str> {
     vec![MONITORING_IFACE]
+}
+
+/// `MatchRuleInvalid`, or `LimitsExceeded` for an over-long rule.
+fn rule_error(e: MatchRuleError) -> Fail {
+    fail(e.error_name(), e.to_string())
 }
 
 fn unknown_method(interface: &str, member: &str) -> Fail {

@@ -299,22 +299,8 @@ fn file_descriptors_pass_to_peers_that_take_them() {
     assert_eq!(same(received.as_fd()), same(file.as_fd()), "the same open file arrived");
 
     // A peer that did not negotiate fds: the sender gets an error.
-    let mut plain = std::os::unix::net::UnixStream::connect(&broker.socket).unwrap();
-    let uid: String = nix::unistd::getuid().as_raw().to_string().bytes().map(|b| format!("{b:02x}")).collect();
-    plain.write_all(format!("\0AUTH EXTERNAL {uid}\r\nBEGIN\r\n").as_bytes()).unwrap();
-    let hello = Message::method_call("/org/freedesktop/DBus", "Hello")
-        .interface("org.freedesktop.DBus")
-        .destination("org.freedesktop.DBus")
-        .build(&())
-        .unwrap();
-    plain.write_all(hello.data().bytes()).unwrap();
-    let mut watcher = RawClient::connect(&broker.socket);
-    let unique = loop {
-        let names: Vec<String> = watcher.driver_call("ListNames", &()).unwrap().body().deserialize().unwrap();
-        if let Some(n) = names.iter().filter(|n| n.starts_with(':')).max_by_key(|n| n[3..].parse::<u64>().unwrap_or(0)).filter(|n| **n != watcher.unique && **n != a.unique && **n != b.unique) {
-            break n.clone();
-        }
-    };
+    let plain = RawClient::register(RawClient::authenticate(&broker.socket, false));
+    let unique = plain.unique.clone();
     let serial = a.next_serial();
     let call = call_to(&unique, "TakeFd", serial).build(&(zbus::Fd::from(&file),)).unwrap();
     let iov = [std::io::IoSlice::new(call.data().bytes())];

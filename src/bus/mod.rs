@@ -345,7 +345,7 @@ impl Bus {
     fn matching_peers(&self, msg: &Message, addressed: Option<PeerId>) -> Vec<PeerId> {
         let has_destination = msg.header().destination().is_some();
         let destination_unique = addressed.and_then(|id| self.unique_name(id));
-        let owner_of = |name: &str| self.names.owner(name).and_then(|id| self.unique_name(id)).map(str::to_owned);
+        let owner_of = |name: &str| self.names.owner(name).and_then(|id| self.unique_name(id));
         let ctx = MatchContext { owner_of: &owner_of, destination_unique };
         let mut out = Vec::new();
         for (&id, peer) in &self.peers {

@@ -116,24 +116,36 @@ pub struct RawClient {
 }
 
 impl RawClient {
-    /// Connects and authenticates, without `Hello`.
+    /// Connects and authenticates (negotiating fd passing), without `Hello`.
     pub fn connect_unregistered(socket: &Path) -> RawClient {
+        RawClient::authenticate(socket, true)
+    }
+
+    /// Connects and authenticates, with or without fd passing, without `Hello`.
+    pub fn authenticate(socket: &Path, unix_fds: bool) -> RawClient {
         let mut stream = UnixStream::connect(socket).expect("connect");
         stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
         let uid = nix::unistd::getuid().as_raw().to_string();
         let hex: String = uid.bytes().map(|b| format!("{b:02x}")).collect();
-        stream.write_all(format!("\0AUTH EXTERNAL {hex}\r\nNEGOTIATE_UNIX_FD\r\nBEGIN\r\n").as_bytes()).expect("auth");
+        let negotiate = if unix_fds { "NEGOTIATE_UNIX_FD\r\n" } else { "" };
+        stream.write_all(format!("\0AUTH EXTERNAL {hex}\r\n{negotiate}BEGIN\r\n").as_bytes()).expect("auth");
         let mut client = RawClient { stream, buf: Vec::new(), fds: Vec::new(), unique: String::new(), serial: 1 };
         let ok = client.read_line();
         assert!(ok.starts_with("OK "), "auth reply {ok:?}");
-        let agree = client.read_line();
-        assert_eq!(agree, "AGREE_UNIX_FD");
+        if unix_fds {
+            let agree = client.read_line();
+            assert_eq!(agree, "AGREE_UNIX_FD");
+        }
         client
     }
 
-    /// Connects, authenticates and says `Hello`.
+    /// Connects, authenticates (negotiating fd passing) and says `Hello`.
     pub fn connect(socket: &Path) -> RawClient {
-        let mut client = RawClient::connect_unregistered(socket);
+        RawClient::register(RawClient::connect_unregistered(socket))
+    }
+
+    /// Says `Hello` on an authenticated client.
+    pub fn register(mut client: RawClient) -> RawClient {
         let hello = client.driver_call("Hello", &()).expect("Hello");
         client.unique = hello.body().deserialize::<String>().expect("unique name");
         // NameAcquired for the unique name follows the reply.
