@@ -458,17 +458,22 @@ impl Bus {
     /// Turns a peer into a monitor: it loses its names and its unique name, and from now on
     /// receives copies of what its rules match.
     pub fn make_monitor(&mut self, id: PeerId, rules: Vec<MatchRule>) {
-        let events = self.names.remove_peer(id);
+        // Each name is released as by `ReleaseName`, so the monitor hears `NameLost` for it.
+        for name in self.names.names_of(id) {
+            let (_, events) = self.names.release(&name, id);
+            self.announce(events);
+        }
         let Some(peer) = self.peers.get_mut(&id) else { return };
-        peer.rules = rules;
         let unique = peer.unique.clone();
         let owed = std::mem::take(&mut peer.owed);
         peer.awaiting.clear();
-        self.announce(events);
+        // Clients such as busctl wait for the loss of their unique name before they monitor.
+        self.announce(vec![NameEvent::Lost { name: unique.clone(), peer: id }]);
+        self.broadcast_owner_changed(&unique, &unique, "");
         if let Some(peer) = self.peers.get_mut(&id) {
+            peer.rules = rules;
             peer.monitor = true;
         }
-        self.broadcast_owner_changed(&unique, &unique, "");
         for (caller, serial) in owed {
             self.send_no_reply(caller, serial, id);
         }

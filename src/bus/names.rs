@@ -65,12 +65,9 @@ impl NameRegistry {
         self.names.keys().map(String::as_str)
     }
 
-    /// The names `peer` is the primary owner of.
-    pub fn owned_by(&self, peer: PeerId) -> Vec<String> {
-        self.by_peer
-            .get(&peer)
-            .map(|names| names.iter().filter(|n| self.owner(n) == Some(peer)).cloned().collect())
-            .unwrap_or_default()
+    /// The names `peer` owns or waits for.
+    pub fn names_of(&self, peer: PeerId) -> Vec<String> {
+        self.by_peer.get(&peer).map(|names| names.iter().cloned().collect()).unwrap_or_default()
     }
 
     /// How many names `peer` owns or waits for.
@@ -281,6 +278,7 @@ mod tests {
         assert!(events.contains(&NameEvent::Acquired { name: "b.B".into(), peer: 2 }));
         assert!(!events.iter().any(|e| matches!(e, NameEvent::Lost { .. })));
         assert_eq!(r.queue("c.C"), Some(vec![2]));
-        assert_eq!(r.owned_by(2), vec!["b.B".to_string(), "c.C".to_string()]);
+        assert_eq!(r.names_of(2), vec!["b.B".to_string(), "c.C".to_string()]);
+        assert_eq!(r.owner("c.C"), Some(2));
     }
 }
