@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::rc::Rc;
 
 use tokio::io::Interest;
@@ -146,7 +146,7 @@ fn peer_credentials(stream: &UnixStream) -> io::Result<Credentials> {
         uid: cred.uid(),
         pid: u32::try_from(cred.pid()).unwrap_or(0),
         gids: peer_groups(stream).unwrap_or_else(|| vec![cred.gid()]),
-        pidfd: peer_pidfd(stream),
+        pidfd: crate::supervisor::peer_pidfd(stream.as_fd()),
         security_label: None,
     })
 }
@@ -170,23 +170,4 @@ fn peer_groups(stream: &UnixStream) -> Option<Vec<u32>> {
     }
     groups.truncate(len as usize / 4);
     Some(groups)
-}
-
-/// `SO_PEERPIDFD` (Linux 6.5+): a pidfd of the peer process, or `None` where unsupported.
-fn peer_pidfd(stream: &UnixStream) -> Option<OwnedFd> {
-    const SO_PEERPIDFD: nix::libc::c_int = 77;
-    let mut fd: nix::libc::c_int = -1;
-    let mut len = std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t;
-    // SAFETY: `fd` and `len` are valid for writes of their sizes.
-    let rc = unsafe {
-        nix::libc::getsockopt(
-            stream.as_raw_fd(),
-            nix::libc::SOL_SOCKET,
-            SO_PEERPIDFD,
-            (&mut fd as *mut nix::libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    // SAFETY: on success the kernel gave us a new descriptor that nothing else owns.
-    (rc == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
 }
