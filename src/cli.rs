@@ -12,6 +12,12 @@ pub struct Options {
     pub print_address: Option<i32>,
     pub print_pid: Option<i32>,
     pub activation_dirs: Vec<PathBuf>,
+    /// Default start timeout of a service, in milliseconds.
+    pub start_timeout_ms: Option<u64>,
+    /// The start-limit guard: this many failed starts ...
+    pub start_limit_burst: Option<u64>,
+    /// ... within this many milliseconds.
+    pub start_limit_interval_ms: Option<u64>,
     pub version: bool,
     pub help: bool,
 }
@@ -27,7 +33,8 @@ impl fmt::Display for UsageError {
 }
 
 pub const USAGE: &str = "usage: broker [--session] [--address=ADDRESS] [--print-address[=FD]] [--print-pid[=FD]] \
-[--activation-dir=DIR]... [--nofork] [--version] [--help]";
+[--activation-dir=DIR]... [--start-timeout-ms=MS] [--start-limit-burst=N] [--start-limit-interval-ms=MS] \
+[--nofork] [--version] [--help]";
 
 impl Options {
     pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, UsageError> {
@@ -48,6 +55,9 @@ impl Options {
                 "--session" => opts.session = true,
                 "--address" => opts.address = Some(value("--address")?),
                 "--activation-dir" => opts.activation_dirs.push(PathBuf::from(value("--activation-dir")?)),
+                "--start-timeout-ms" => opts.start_timeout_ms = Some(number(&flag, &value(&flag)?)?),
+                "--start-limit-burst" => opts.start_limit_burst = Some(number(&flag, &value(&flag)?)?),
+                "--start-limit-interval-ms" => opts.start_limit_interval_ms = Some(number(&flag, &value(&flag)?)?),
                 "--print-address" | "--print-pid" => {
                     // The fd is optional; a following argument is taken only if it is a number.
                     let fd = match inline {
@@ -75,6 +85,15 @@ impl Options {
         }
         Ok(opts)
     }
+}
+
+/// A positive whole number.
+fn number(flag: &str, value: &str) -> Result<u64, UsageError> {
+    value
+        .parse::<u64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| UsageError(format!("{flag}: {value:?} is not a positive whole number")))
 }
 
 fn parse_fd(flag: &str, value: &str) -> Result<i32, UsageError> {
@@ -121,6 +140,14 @@ mod tests {
         assert!(parse(&["--address"]).is_err());
         assert!(parse(&["--print-address=x"]).is_err());
         assert!(parse(&["--print-pid=-3"]).is_err());
+    }
+
+    #[test]
+    fn start_settings_are_positive_numbers() {
+        let o = parse(&["--start-timeout-ms=500", "--start-limit-burst", "3", "--start-limit-interval-ms=100"]).unwrap();
+        assert_eq!((o.start_timeout_ms, o.start_limit_burst, o.start_limit_interval_ms), (Some(500), Some(3), Some(100)));
+        assert!(parse(&["--start-timeout-ms=0"]).is_err());
+        assert!(parse(&["--start-limit-burst=x"]).is_err());
     }
 
     #[test]

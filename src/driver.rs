@@ -10,14 +10,15 @@ use zbus::message::Type;
 use zbus::names::{BusName, WellKnownName};
 use zbus::{DynamicType, Fd, Type as ZType, Variant as Value};
 
+use crate::activation::Waiter;
 use crate::bus::names::RequestReply;
 use crate::bus::{Bus, DRIVER, DRIVER_PATH, PeerId, expects_reply};
 use crate::match_rule::{MatchRule, MatchRuleError};
 
 /// A driver method's failure: a D-Bus error name and its message.
 pub struct Fail {
-    name: &'static str,
-    text: String,
+    pub name: &'static str,
+    pub text: String,
 }
 
 fn fail(name: &'static str, text: impl Into<String>) -> Fail {
@@ -54,14 +55,16 @@ impl Bus {
             self.hello(from, msg);
             return;
         }
-        let outcome = if interface.as_deref() == Some(MONITORING_IFACE) && member == "BecomeMonitor" {
-            // On success it has replied itself, before the connection turned into a monitor.
-            match self.become_monitor(from, msg) {
-                Ok(()) => return,
-                Err(f) => Err(f),
-            }
-        } else {
-            self.driver_method(from, msg, interface.as_deref(), &member)
+        // These reply themselves: after a change of state, or once a service has started.
+        let replied_itself = match (interface.as_deref(), member.as_str()) {
+            (Some(MONITORING_IFACE), "BecomeMonitor") => Some(self.become_monitor(from, msg)),
+            (None | Some(DRIVER), "StartServiceByName") => Some(self.start_service_by_name(from, msg)),
+            _ => None,
+        };
+        let outcome = match replied_itself {
+            Some(Ok(())) => return,
+            Some(Err(f)) => Err(f),
+            None => self.driver_method(from, msg, interface.as_deref(), &member),
         };
         match outcome {
             Ok(reply) if expects_reply(msg) => self.send_from_driver(from, &reply),
@@ -91,17 +94,20 @@ impl Bus {
             "ReleaseName" => self.release_name(from, msg),
             "ListQueuedOwners" => self.list_queued_owners(msg),
             "ListNames" => reply(msg, &(self.list_names(),)),
-            "ListActivatableNames" => reply(msg, &(vec![DRIVER],)),
+            "ListActivatableNames" => {
+                let names: Vec<&str> = std::iter::once(DRIVER).chain(self.activation.names()).collect();
+                reply(msg, &(names,))
+            }
             "NameHasOwner" => {
                 let (name,): (String,) = args(msg)?;
                 reply(msg, &(name == DRIVER || self.resolve(&name).is_some(),))
             }
             "GetNameOwner" => self.get_name_owner(msg),
-            "StartServiceByName" => self.start_service_by_name(msg),
-            "UpdateActivationEnvironment" | "ReloadConfig" => Err(fail(
-                "org.freedesktop.DBus.Error.NotSupported",
-                format!("{member} is not supported yet: this bus has no activation files to configure"),
-            )),
+            "UpdateActivationEnvironment" => self.update_activation_environment(from, msg),
+            "ReloadConfig" => {
+                self.reload_activation();
+                reply(msg, &())
+            }
             "AddMatch" => self.add_match(from, msg),
             "RemoveMatch" => self.remove_match(from, msg),
             "GetId" => reply(msg, &(self.guid.as_str(),)),
@@ -211,17 +217,39 @@ impl Bus {
         }
     }
 
-    fn start_service_by_name(&self, msg: &Message) -> Outcome {
+    /// `StartServiceByName`: 2 at once for an owned name, else 1 once the service owns it.
+    fn start_service_by_name(&mut self, from: PeerId, msg: &Message) -> Result<(), Fail> {
         let (name, _flags): (String, u32) = args(msg)?;
         valid_bus_name(&name)?;
         if name == DRIVER || self.resolve(&name).is_some() {
-            // DBUS_START_REPLY_ALREADY_RUNNING
-            return reply(msg, &(2u32,));
+            self.reply_start(from, msg, 2);
+            return Ok(());
         }
-        Err(fail(
-            "org.freedesktop.DBus.Error.ServiceUnknown",
-            format!("The name {name} was not provided by any .service files"),
-        ))
+        if !self.activation.is_activatable(&name) {
+            return Err(fail(
+                "org.freedesktop.DBus.Error.ServiceUnknown",
+                format!("The name {name} was not provided by any .service files"),
+            ));
+        }
+        self.activate(&name, Waiter::Start { from, call: msg.clone() });
+        Ok(())
+    }
+
+    /// `UpdateActivationEnvironment`, for the bus owner (and root) only.
+    fn update_activation_environment(&mut self, from: PeerId, msg: &Message) -> Outcome {
+        let (vars,): (HashMap<String, String>,) = args(msg)?;
+        let uid = self.peers.get(&from).map_or(u32::MAX, |p| p.creds.uid);
+        if uid != self.owner_uid && uid != 0 {
+            return Err(fail(
+                "org.freedesktop.DBus.Error.AccessDenied",
+                format!("uid {uid} may not change the activation environment of a bus owned by uid {}", self.owner_uid),
+            ));
+        }
+        if let Some(bad) = vars.keys().find(|k| k.is_empty() || k.contains('=') || k.contains('\0')) {
+            return Err(invalid_args(format!("{bad:?} is not a valid environment variable name")));
+        }
+        self.activation.update_environment(vars);
+        reply(msg, &())
     }
 
     fn add_match(&mut self, from: PeerId, msg: &Message) -> Outcome {
@@ -397,7 +425,7 @@ where
 }
 
 /// A method return from the driver to the caller.
-fn reply<B>(call: &Message, body: &B) -> Outcome
+pub(crate) fn reply<B>(call: &Message, body: &B) -> Outcome
 where
     B: serde::Serialize + DynamicType,
 {

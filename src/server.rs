@@ -10,7 +10,12 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
+use tokio::sync::mpsc::{self, UnboundedSender};
+
+use crate::activation::{Activation, StartPolicy, files, watch};
 use crate::address::{ListenAddress, random_hex};
+use crate::bus::activation::CoreEvent;
+use crate::supervisor::{self, Supervisor};
 use crate::auth::AuthPolicy;
 use crate::bus::{Bus, Limits};
 use crate::cli::Options;
@@ -49,8 +54,10 @@ async fn serve(opts: Options) -> Result<(), String> {
         print_to_fd(fd, &std::process::id().to_string())?;
     }
 
+    let (events, mut event_rx) = mpsc::unbounded_channel();
+    let activation = start_activation(&opts, address_without_guid(&address), events.clone())?;
     let shared = Rc::new(Shared {
-        bus: RefCell::new(Bus::new(guid.clone(), Limits::default())),
+        bus: RefCell::new(Bus::new(guid.clone(), Limits::default(), activation, events)),
         auth: AuthPolicy {
             guid,
             owner_uid: nix::unistd::getuid().as_raw(),
@@ -63,6 +70,7 @@ async fn serve(opts: Options) -> Result<(), String> {
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -75,11 +83,55 @@ async fn serve(opts: Options) -> Result<(), String> {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
+            Some(event) = event_rx.recv() => handle_event(&shared, event),
+            _ = hup.recv() => handle_event(&shared, CoreEvent::Reload("SIGHUP")),
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
         }
     }
     Ok(())
+}
+
+/// Makes the broker the subreaper of what it starts, starts the reaper, and loads the activation
+/// files: those of `--activation-dir`, then the standard session directories.
+fn start_activation(opts: &Options, address: String, events: UnboundedSender<CoreEvent>) -> Result<Activation, String> {
+    supervisor::become_subreaper().map_err(|e| format!("cannot become a child subreaper: {e}"))?;
+    let (supervisor, mut exits) = Supervisor::start().map_err(|e| format!("cannot start the reaper: {e}"))?;
+    let forward = events.clone();
+    tokio::task::spawn_local(async move {
+        while let Some(exit) = exits.recv().await {
+            if forward.send(CoreEvent::Exited(exit)).is_err() {
+                return;
+            }
+        }
+    });
+    let mut dirs = opts.activation_dirs.clone();
+    dirs.extend(files::session_dirs(|k| std::env::var(k).ok()));
+    tokio::task::spawn_local(watch::watch_dirs(dirs.clone(), events));
+    let mut policy = StartPolicy::default();
+    if let Some(ms) = opts.start_timeout_ms {
+        policy.timeout = Duration::from_millis(ms);
+    }
+    if let Some(n) = opts.start_limit_burst {
+        policy.limit_burst = n as usize;
+    }
+    if let Some(ms) = opts.start_limit_interval_ms {
+        policy.limit_interval = Duration::from_millis(ms);
+    }
+    Ok(Activation::new(dirs, policy, Some(supervisor), address))
+}
+
+/// The address without its `guid=`, as services are given it.
+fn address_without_guid(address: &str) -> String {
+    address.split(',').filter(|kv| !kv.starts_with("guid=")).collect::<Vec<_>>().join(",")
+}
+
+fn handle_event(shared: &Shared, event: CoreEvent) {
+    let mut bus = shared.bus.borrow_mut();
+    bus.handle_event(event);
+    let dirty = bus.take_dirty();
+    drop(bus);
+    connection::flush_all(dirty);
 }
 
 /// Writes `line` and a newline to `fd` in one write; an fd other than stdout and stderr is then

@@ -1,2 +1,246 @@
-//! Activation: the files that declare activatable names, and starting their services.
+//! Activation: the files that declare activatable names, the services being started, and the
+//! rules a start obeys (its environment, its timeout, the guard against restart loops).
+
 pub mod files;
+pub mod watch;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+use zbus::Message;
+
+use crate::bus::PeerId;
+use crate::supervisor::{ExitKind, SpawnError, SpawnSpec, Supervisor};
+use files::ServiceFile;
+
+/// Variables of the broker's own environment that describe the broker's own service manager
+/// context and must not leak into the services it starts.
+const DROPPED_VARIABLES: &[&str] =
+    &["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID"];
+
+/// How starts are timed and limited.
+#[derive(Debug, Clone)]
+pub struct StartPolicy {
+    /// How long a service may take to own its name (a file's `start_timeout_ms` overrides it).
+    pub timeout: Duration,
+    /// After this many failed starts within `limit_interval`, further starts fail at once.
+    pub limit_burst: usize,
+    pub limit_interval: Duration,
+}
+
+impl Default for StartPolicy {
+    fn default() -> Self {
+        StartPolicy { timeout: Duration::from_secs(25), limit_burst: 5, limit_interval: Duration::from_secs(10) }
+    }
+}
+
+/// Someone waiting for a service to own its name.
+pub enum Waiter {
+    /// A message to deliver to the new owner.
+    Deliver { from: PeerId, msg: Message },
+    /// A `StartServiceByName` call to answer.
+    Start { from: PeerId, call: Message },
+}
+
+/// A start in progress.
+pub struct Pending {
+    pub service: ServiceFile,
+    /// The process that was spawned.
+    pub pid: u32,
+    /// Tells this start's timer from that of an earlier start of the same name.
+    pub generation: u64,
+    /// The spawned process exited 0 before the name was taken: it may have daemonized.
+    pub daemonized: bool,
+    pub waiters: Vec<Waiter>,
+}
+
+/// Why a start failed: a D-Bus error name and its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartFailure {
+    pub error: &'static str,
+    pub text: String,
+}
+
+impl StartFailure {
+    pub fn exec(name: &str, e: &SpawnError) -> StartFailure {
+        StartFailure {
+            error: "org.freedesktop.DBus.Error.Spawn.ExecFailed",
+            text: format!("Failed to start {name}: {e}"),
+        }
+    }
+
+    /// The spawned process ended before the name was taken.
+    pub fn exited(name: &str, status: ExitKind) -> StartFailure {
+        match status {
+            ExitKind::Exited(code) => StartFailure {
+                error: "org.freedesktop.DBus.Error.Spawn.ChildExited",
+                text: format!("Process {name} exited with status {code}"),
+            },
+            ExitKind::Signaled(signal, _) => StartFailure {
+                error: "org.freedesktop.DBus.Error.Spawn.ChildSignaled",
+                text: format!("Process {name} received signal {signal}"),
+            },
+        }
+    }
+
+    pub fn daemon_died(name: &str) -> StartFailure {
+        StartFailure {
+            error: "org.freedesktop.DBus.Error.Spawn.ChildExited",
+            text: format!("Process {name} exited with status 0, and no process it left behind took the name"),
+        }
+    }
+
+    pub fn timed_out(name: &str, after: Duration) -> StartFailure {
+        StartFailure {
+            error: "org.freedesktop.DBus.Error.TimedOut",
+            text: format!("Activation of {name} timed out after {} ms", after.as_millis()),
+        }
+    }
+
+    fn start_limit(name: &str, policy: &StartPolicy) -> StartFailure {
+        StartFailure {
+            error: "org.freedesktop.DBus.Error.Spawn.Failed",
+            text: format!(
+                "{name} failed to start {} times within {} ms; not starting it again until that interval has passed",
+                policy.limit_burst,
+                policy.limit_interval.as_millis()
+            ),
+        }
+    }
+}
+
+/// All activation state of the bus.
+pub struct Activation {
+    dirs: Vec<PathBuf>,
+    services: BTreeMap<String, ServiceFile>,
+    pub pending: HashMap<String, Pending>,
+    failures: HashMap<String, VecDeque<Instant>>,
+    /// Variables set by `UpdateActivationEnvironment`.
+    env_updates: BTreeMap<String, String>,
+    pub policy: StartPolicy,
+    supervisor: Option<Supervisor>,
+    /// The address services are told to connect to.
+    starter_address: String,
+    next_generation: u64,
+}
+
+impl Activation {
+    /// Activation over `dirs`, starting services through `supervisor` (none: nothing can start).
+    pub fn new(dirs: Vec<PathBuf>, policy: StartPolicy, supervisor: Option<Supervisor>, starter_address: String) -> Activation {
+        let mut activation = Activation {
+            dirs,
+            services: BTreeMap::new(),
+            pending: HashMap::new(),
+            failures: HashMap::new(),
+            env_updates: BTreeMap::new(),
+            policy,
+            supervisor,
+            starter_address,
+            next_generation: 1,
+        };
+        activation.reload();
+        activation
+    }
+
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// Reads the activation directories again. Returns whether the set of names changed.
+    /// Starts in progress keep the definition they started with.
+    pub fn reload(&mut self) -> bool {
+        let loaded = files::load(&self.dirs);
+        for warning in &loaded.warnings {
+            warn!("skipping activation file {warning}");
+        }
+        let changed = !loaded.services.keys().eq(self.services.keys());
+        info!(services = loaded.services.len(), dirs = ?self.dirs, "activation files loaded");
+        self.services = loaded.services;
+        changed
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.services.keys().map(String::as_str)
+    }
+
+    pub fn is_activatable(&self, name: &str) -> bool {
+        self.services.contains_key(name)
+    }
+
+    pub fn update_environment(&mut self, vars: impl IntoIterator<Item = (String, String)>) {
+        self.env_updates.extend(vars);
+    }
+
+    /// Starts the service of `name`. The caller has checked that no start is pending.
+    pub fn start(&mut self, name: &str) -> Result<&mut Pending, StartFailure> {
+        let Some(service) = self.services.get(name).cloned() else {
+            return Err(StartFailure {
+                error: "org.freedesktop.DBus.Error.ServiceUnknown",
+                text: format!("The name {name} was not provided by any .service files"),
+            });
+        };
+        if self.over_start_limit(name) {
+            warn!(service = name, "start refused: it failed too often recently");
+            return Err(StartFailure::start_limit(name, &self.policy));
+        }
+        let Some(supervisor) = &self.supervisor else {
+            return Err(StartFailure {
+                error: "org.freedesktop.DBus.Error.Spawn.Failed",
+                text: "this bus cannot start services".into(),
+            });
+        };
+        let spec = SpawnSpec {
+            argv: service.exec.clone(),
+            env: self.environment(&service),
+            working_directory: service.working_directory.clone(),
+        };
+        let pid = match supervisor.spawn(name, &spec) {
+            Ok(pid) => pid,
+            Err(e) => {
+                warn!(service = name, "cannot start: {e}");
+                self.note_failure(name);
+                return Err(StartFailure::exec(name, &e));
+            }
+        };
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let pending = Pending { service, pid, generation, daemonized: false, waiters: Vec::new() };
+        Ok(self.pending.entry(name.to_owned()).insert_entry(pending).into_mut())
+    }
+
+    /// How long a start of this pending service may take.
+    pub fn timeout_of(&self, pending: &Pending) -> Duration {
+        pending.service.start_timeout.unwrap_or(self.policy.timeout)
+    }
+
+    /// Records a failed start, for the start-limit guard.
+    pub fn note_failure(&mut self, name: &str) {
+        self.failures.entry(name.to_owned()).or_default().push_back(Instant::now());
+    }
+
+    fn over_start_limit(&mut self, name: &str) -> bool {
+        let Some(times) = self.failures.get_mut(name) else { return false };
+        let now = Instant::now();
+        while times.front().is_some_and(|t| now.duration_since(*t) > self.policy.limit_interval) {
+            times.pop_front();
+        }
+        times.len() >= self.policy.limit_burst
+    }
+
+    /// The environment of a started service: the broker's own, minus its service manager's
+    /// variables, plus `UpdateActivationEnvironment`, plus the file's, plus where the bus is.
+    fn environment(&self, service: &ServiceFile) -> Vec<(OsString, OsString)> {
+        let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
+            .filter(|(k, _)| !DROPPED_VARIABLES.iter().any(|d| k == d))
+            .collect();
+        let added = self.env_updates.iter().chain(service.environment.iter().map(|(k, v)| (k, v)));
+        env.extend(added.map(|(k, v)| (k.into(), v.into())));
+        env.insert("DBUS_STARTER_ADDRESS".into(), self.starter_address.clone().into());
+        env.insert("DBUS_STARTER_BUS_TYPE".into(), "session".into());
+        env.insert("DBUS_SESSION_BUS_ADDRESS".into(), self.starter_address.clone().into());
+        env.into_iter().collect()
+    }
+}

@@ -2,6 +2,7 @@
 //! wait on, and the routing of each message. It runs on one thread and never awaits, so the
 //! order of messages is the order of events and no lock is ever needed.
 
+pub mod activation;
 pub mod names;
 
 use std::cell::{Cell, RefCell};
@@ -17,7 +18,9 @@ use zbus::Message;
 use zbus::message::{Flags, Type};
 use zbus::names::UniqueName;
 
+use crate::activation::{Activation, Waiter};
 use crate::match_rule::{MatchContext, MatchRule};
+use activation::CoreEvent;
 use crate::wire::Outbox;
 use names::{NameEvent, NameRegistry};
 
@@ -113,10 +116,15 @@ pub struct Peer {
     pub awaiting: HashMap<u32, PeerId>,
     /// Calls to this peer that wait for its reply: (caller, serial).
     pub owed: Vec<(PeerId, u32)>,
+    /// This connection owns the name of a service the bus started; the death of its process
+    /// ends the connection.
+    pub service_owner: bool,
 }
 
 pub struct Bus {
     pub guid: String,
+    /// The uid the bus runs as: it may reconfigure the bus.
+    pub owner_uid: u32,
     pub machine_id: String,
     pub limits: Limits,
     pub peers: HashMap<PeerId, Peer>,
@@ -124,6 +132,9 @@ pub struct Bus {
     next_id: PeerId,
     /// Connections with messages queued since their last flush.
     dirty: Vec<Rc<Conn>>,
+    pub activation: Activation,
+    /// Where timers and watchers report back to the core.
+    events: tokio::sync::mpsc::UnboundedSender<CoreEvent>,
 }
 
 /// Parses `:1.N` into N.
@@ -132,15 +143,23 @@ pub fn peer_id_of(unique: &str) -> Option<PeerId> {
 }
 
 impl Bus {
-    pub fn new(guid: String, limits: Limits) -> Bus {
+    pub fn new(
+        guid: String,
+        limits: Limits,
+        activation: Activation,
+        events: tokio::sync::mpsc::UnboundedSender<CoreEvent>,
+    ) -> Bus {
         Bus {
             guid,
+            owner_uid: nix::unistd::getuid().as_raw(),
             machine_id: read_machine_id(),
             limits,
             peers: HashMap::new(),
             names: NameRegistry::default(),
             next_id: 1,
             dirty: Vec::new(),
+            activation,
+            events,
         }
     }
 
@@ -160,6 +179,7 @@ impl Bus {
                 monitor: false,
                 awaiting: HashMap::new(),
                 owed: Vec::new(),
+                service_owner: false,
             },
         );
         id
@@ -209,12 +229,16 @@ impl Bus {
         }
     }
 
-    /// Delivers a message that names its destination.
+    /// Delivers a message that names its destination; one for an activatable name that has no
+    /// owner waits while its service starts.
     fn unicast(&mut self, from: PeerId, msg: Message, dest: &str) {
         let msg_type = msg.message_type();
         let Some(to) = self.resolve(dest) else {
             self.to_monitors_and_eavesdroppers(&msg, None);
-            if msg_type == Type::MethodCall {
+            let auto_start = !msg.primary_header().flags().contains(Flags::NO_AUTO_START);
+            if auto_start && !dest.starts_with(':') && self.activation.is_activatable(dest) {
+                self.activate(dest, Waiter::Deliver { from, msg });
+            } else if msg_type == Type::MethodCall {
                 self.reply_unknown_destination(from, &msg, dest);
             }
             return;
@@ -384,9 +408,14 @@ impl Bus {
         }
     }
 
-    /// Turns name events into the driver's signals, in order.
+    /// Turns name events into the driver's signals, in order; a name that gets an owner may
+    /// complete a start.
     pub fn announce(&mut self, events: Vec<NameEvent>) {
+        let mut owned = Vec::new();
         for event in events {
+            if let NameEvent::OwnerChanged { name, new: Some(new), .. } = &event {
+                owned.push((name.clone(), *new));
+            }
             let built = match &event {
                 NameEvent::OwnerChanged { name, old, new } => {
                     let old = old.and_then(|id| self.unique_name(id)).unwrap_or("").to_owned();
@@ -405,6 +434,9 @@ impl Bus {
                 Ok((Some(to), msg)) => self.send_from_driver(to, &msg),
                 Err(e) => warn!("cannot build a driver signal: {e}"),
             }
+        }
+        for (name, owner) in owned {
+            self.name_owned(&name, owner);
         }
     }
 

@@ -1,0 +1,212 @@
+//! How the bus core drives activation: holding messages for a name until its service owns it,
+//! reacting to process exits and timeouts, and dropping a service's connection when the
+//! process that owns its name dies.
+
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use tracing::{info, warn};
+use zbus::Message;
+use zbus::message::Type;
+
+use super::{Bus, PeerId, driver_signal};
+use crate::activation::{StartFailure, Waiter};
+use crate::supervisor::{self, ExitKind, ProcessEvent};
+
+/// What happens outside the message flow that the bus core must react to.
+#[derive(Debug)]
+pub enum CoreEvent {
+    /// The reaper collected a process.
+    Exited(ProcessEvent),
+    /// A start has run out of time (`generation` tells which start).
+    StartTimedOut { name: String, generation: u64 },
+    /// The process that owns the names of this connection has exited.
+    OwnerExited { peer: PeerId },
+    /// The activation files should be read again.
+    Reload(&'static str),
+}
+
+impl Bus {
+    /// Makes `waiter` wait for `name`'s service, starting it unless a start is in progress.
+    pub fn activate(&mut self, name: &str, waiter: Waiter) {
+        if let Some(pending) = self.activation.pending.get_mut(name) {
+            pending.waiters.push(waiter);
+            return;
+        }
+        match self.activation.start(name) {
+            Ok(pending) => {
+                pending.waiters.push(waiter);
+                let (generation, pid) = (pending.generation, pending.pid);
+                let timeout = pending.service.start_timeout.unwrap_or(self.activation.policy.timeout);
+                info!(service = name, pid, "activating");
+                self.arm_start_timer(name, generation, timeout);
+            }
+            Err(failure) => self.fail_waiters(vec![waiter], &failure),
+        }
+    }
+
+    fn arm_start_timer(&self, name: &str, generation: u64, timeout: Duration) {
+        let events = self.events.clone();
+        let name = name.to_owned();
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(timeout).await;
+            // The bus may be gone at shutdown; nothing is left to time out then.
+            let _ = events.send(CoreEvent::StartTimedOut { name, generation });
+        });
+    }
+
+    /// A name got a new primary owner: if a start was waiting for it, it is complete.
+    pub(super) fn name_owned(&mut self, name: &str, owner: PeerId) {
+        let Some(pending) = self.activation.pending.remove(name) else { return };
+        info!(service = name, owner = %self.unique_name(owner).unwrap_or("?"), "service took its name");
+        self.watch_owner(owner);
+        for waiter in pending.waiters {
+            match waiter {
+                Waiter::Deliver { from, msg } => {
+                    if self.peers.contains_key(&from) {
+                        self.unicast(from, msg, name);
+                    }
+                }
+                Waiter::Start { from, call } => self.reply_start(from, &call, 1),
+            }
+        }
+    }
+
+    /// Answers `StartServiceByName` with `result` (1: started, 2: already running).
+    pub(crate) fn reply_start(&mut self, to: PeerId, call: &Message, result: u32) {
+        match crate::driver::reply(call, &(result,)) {
+            Ok(reply) => self.send_from_driver(to, &reply),
+            Err(f) => warn!("cannot build StartServiceByName reply: {}", f.text),
+        }
+    }
+
+    /// Watches the process behind a service's connection, so that its death ends the connection
+    /// even while another process holds the socket open.
+    fn watch_owner(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        if p.service_owner {
+            return;
+        }
+        p.service_owner = true;
+        let Some(pidfd) = p.creds.pidfd.as_ref().and_then(|fd| fd.try_clone().ok()) else { return };
+        let events = self.events.clone();
+        tokio::task::spawn_local(watch_pidfd(pidfd, peer, events));
+    }
+
+    /// Reacts to an event from outside the message flow.
+    pub fn handle_event(&mut self, event: CoreEvent) {
+        match event {
+            CoreEvent::Exited(exit) => self.process_exited(exit),
+            CoreEvent::StartTimedOut { name, generation } => self.start_timed_out(&name, generation),
+            CoreEvent::OwnerExited { peer } => self.owner_exited(peer),
+            CoreEvent::Reload(why) => {
+                info!("reloading activation files: {why}");
+                self.reload_activation();
+            }
+        }
+    }
+
+    /// Reads the activation files again and says so if the set of names changed.
+    pub fn reload_activation(&mut self) {
+        if !self.activation.reload() {
+            return;
+        }
+        match driver_signal("ActivatableServicesChanged", None, &()) {
+            Ok(signal) => self.broadcast(&signal),
+            Err(e) => warn!("cannot build ActivatableServicesChanged: {e}"),
+        }
+    }
+
+    fn process_exited(&mut self, exit: ProcessEvent) {
+        let started = self.activation.pending.iter().find(|(_, p)| p.pid == exit.pid).map(|(n, _)| n.clone());
+        if let Some(name) = started {
+            match exit.status {
+                // It may have daemonized; its daemon still has time to take the name.
+                ExitKind::Exited(0) => {
+                    if let Some(p) = self.activation.pending.get_mut(&name) {
+                        p.daemonized = true;
+                    }
+                }
+                status => self.fail_start(&name, StartFailure::exited(&name, status)),
+            }
+        }
+        let owner = self.peers.iter().find(|(_, p)| p.service_owner && p.creds.pid == exit.pid).map(|(&id, _)| id);
+        if let Some(peer) = owner {
+            self.owner_exited(peer);
+        }
+        self.check_daemonized_starts();
+    }
+
+    /// Fails each daemonized start none of whose processes is left. The processes of a service
+    /// are all descendants of the broker (it is their subreaper), so whatever is left of them
+    /// shows up among the broker's direct children.
+    fn check_daemonized_starts(&mut self) {
+        let daemonized: Vec<String> =
+            self.activation.pending.iter().filter(|(_, p)| p.daemonized).map(|(n, _)| n.clone()).collect();
+        if daemonized.is_empty() {
+            return;
+        }
+        let children = match supervisor::children() {
+            Ok(children) => children,
+            Err(e) => {
+                warn!("cannot list child processes: {e}");
+                return;
+            }
+        };
+        let accounted_for = |pid: &u32| {
+            self.activation.pending.values().any(|p| !p.daemonized && p.pid == *pid)
+                || self.peers.values().any(|p| p.service_owner && p.creds.pid == *pid)
+        };
+        if children.iter().any(|pid| !accounted_for(pid)) {
+            return;
+        }
+        for name in daemonized {
+            self.fail_start(&name, StartFailure::daemon_died(&name));
+        }
+    }
+
+    fn start_timed_out(&mut self, name: &str, generation: u64) {
+        let Some(pending) = self.activation.pending.get(name).filter(|p| p.generation == generation) else {
+            return;
+        };
+        let timeout = self.activation.timeout_of(pending);
+        // The service is in a process group of its own; stop what is left of this start.
+        let group = nix::unistd::Pid::from_raw(-(pending.pid as i32));
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGTERM);
+        self.fail_start(name, StartFailure::timed_out(name, timeout));
+    }
+
+    fn fail_start(&mut self, name: &str, failure: StartFailure) {
+        let Some(pending) = self.activation.pending.remove(name) else { return };
+        warn!(service = name, "start failed: {}", failure.text);
+        self.activation.note_failure(name);
+        self.fail_waiters(pending.waiters, &failure);
+    }
+
+    fn fail_waiters(&mut self, waiters: Vec<Waiter>, failure: &StartFailure) {
+        for waiter in waiters {
+            let (from, msg) = match waiter {
+                Waiter::Deliver { from, msg } => (from, msg),
+                Waiter::Start { from, call } => (from, call),
+            };
+            if msg.message_type() == Type::MethodCall {
+                self.reply_error(from, &msg, failure.error, &failure.text);
+            }
+        }
+    }
+
+    fn owner_exited(&mut self, peer: PeerId) {
+        let Some(p) = self.peers.get(&peer) else { return };
+        info!(peer = %p.unique, pid = p.creds.pid, "the process that owned this connection's names exited; dropping the connection");
+        self.disconnect(peer);
+    }
+}
+
+async fn watch_pidfd(pidfd: OwnedFd, peer: PeerId, events: tokio::sync::mpsc::UnboundedSender<CoreEvent>) {
+    match supervisor::wait_exit(&pidfd).await {
+        Ok(()) => {
+            let _ = events.send(CoreEvent::OwnerExited { peer });
+        }
+        Err(e) => warn!("cannot watch the process of {peer}: {e}"),
+    }
+}
