@@ -138,7 +138,7 @@ pub fn flush_all(dirty: Vec<Rc<Conn>>) {
     }
 }
 
-/// The peer's uid, pid and groups from the kernel, and a pidfd where it offers one.
+/// The peer's uid, pid and groups from the kernel.
 fn peer_credentials(stream: &UnixStream) -> io::Result<Credentials> {
     use nix::sys::socket::{getsockopt, sockopt};
     let cred = getsockopt(&stream.as_fd(), sockopt::PeerCredentials).map_err(io::Error::from)?;
@@ -146,7 +146,6 @@ fn peer_credentials(stream: &UnixStream) -> io::Result<Credentials> {
         uid: cred.uid(),
         pid: u32::try_from(cred.pid()).unwrap_or(0),
         gids: peer_groups(stream).unwrap_or_else(|| vec![cred.gid()]),
-        pidfd: crate::supervisor::peer_pidfd(stream.as_fd()),
         security_label: None,
     })
 }

@@ -14,6 +14,7 @@ use crate::activation::Waiter;
 use crate::bus::names::RequestReply;
 use crate::bus::{Bus, DRIVER, DRIVER_PATH, PeerId, expects_reply};
 use crate::match_rule::{MatchRule, MatchRuleError};
+use crate::supervisor::peer_pidfd;
 
 /// A driver method's failure: a D-Bus error name and its message.
 pub struct Fail {
@@ -111,17 +112,17 @@ impl Bus {
             "AddMatch" => self.add_match(from, msg),
             "RemoveMatch" => self.remove_match(from, msg),
             "GetId" => reply(msg, &(self.guid.as_str(),)),
-            "GetConnectionUnixUser" => self.with_creds(msg, "UID", |c| reply(msg, &(c.uid,))),
-            "GetConnectionUnixProcessID" => self.with_creds(msg, "PID", |c| reply(msg, &(c.pid,))),
+            "GetConnectionUnixUser" => self.with_creds(msg, "UID", |c, _| reply(msg, &(c.uid,))),
+            "GetConnectionUnixProcessID" => self.with_creds(msg, "PID", |c, _| reply(msg, &(c.pid,))),
             "GetConnectionCredentials" => self.connection_credentials(from, msg),
-            "GetConnectionSELinuxSecurityContext" => self.with_creds(msg, "security context", |c| match &c.security_label {
+            "GetConnectionSELinuxSecurityContext" => self.with_creds(msg, "security context", |c, _| match &c.security_label {
                 Some(label) => reply(msg, &(label.as_slice(),)),
                 None => Err(fail(
                     "org.freedesktop.DBus.Error.SELinuxSecurityContextUnknown",
                     "Could not determine security context: SELinux is not in use",
                 )),
             }),
-            "GetAdtAuditSessionData" => self.with_creds(msg, "audit session data", |_| {
+            "GetAdtAuditSessionData" => self.with_creds(msg, "audit session data", |_, _| {
                 Err(fail(
                     "org.freedesktop.DBus.Error.AdtAuditDataUnknown",
                     "Could not determine audit session data: this bus does not support Solaris ADT",
@@ -284,24 +285,30 @@ impl Bus {
     }
 
     /// Runs `f` on the credentials of the connection named by the call's one string argument.
-    fn with_creds(&self, msg: &Message, what: &str, f: impl FnOnce(&crate::bus::Credentials) -> Outcome) -> Outcome {
+    /// (`f` also gets the connection, to ask the kernel for more; none for the bus itself.)
+    fn with_creds(
+        &self,
+        msg: &Message,
+        what: &str,
+        f: impl FnOnce(&crate::bus::Credentials, Option<&crate::bus::Conn>) -> Outcome,
+    ) -> Outcome {
         let (name,): (String,) = args(msg)?;
         valid_bus_name(&name)?;
         if name == DRIVER {
-            return f(&own_credentials());
+            return f(&own_credentials(), None);
         }
         let id = self
             .resolve(&name)
             .ok_or_else(|| no_owner(format!("Could not get {what} of name '{name}': no such name")))?;
         match self.peers.get(&id) {
-            Some(peer) => f(&peer.creds),
+            Some(peer) => f(&peer.creds, Some(&peer.conn)),
             None => Err(no_owner(format!("Could not get {what} of name '{name}': no such name"))),
         }
     }
 
     fn connection_credentials(&self, from: PeerId, msg: &Message) -> Outcome {
         let caller_takes_fds = self.peers.get(&from).is_some_and(|p| p.unix_fds);
-        self.with_creds(msg, "credentials", |c| {
+        self.with_creds(msg, "credentials", |c, conn| {
             let mut dict: HashMap<&str, Value<'_>> = HashMap::new();
             dict.insert("UnixUserID", Value::U32(c.uid));
             dict.insert("UnixGroupIDs", Value::from(c.gids.clone()));
@@ -309,7 +316,9 @@ impl Bus {
             if let Some(label) = &c.security_label {
                 dict.insert("LinuxSecurityLabel", Value::from(label.clone()));
             }
-            if caller_takes_fds && let Some(pidfd) = &c.pidfd {
+            // Asked of the kernel only now: a pidfd per connection would double the bus's fds.
+            let pidfd = conn.filter(|_| caller_takes_fds).and_then(|c| peer_pidfd(c.stream.as_fd()));
+            if let Some(pidfd) = &pidfd {
                 dict.insert("ProcessFD", Value::Fd(Fd::from(pidfd.as_fd())));
             }
             reply(msg, &(dict,))
@@ -463,7 +472,6 @@ fn own_credentials() -> crate::bus::Credentials {
         uid: nix::unistd::getuid().as_raw(),
         pid: std::process::id(),
         gids: vec![nix::unistd::getgid().as_raw()],
-        pidfd: None,
         security_label: None,
     }
 }

@@ -33,6 +33,7 @@ pub fn run(opts: Options) -> Result<(), String> {
 }
 
 async fn serve(opts: Options) -> Result<(), String> {
+    raise_fd_limit();
     let wanted = match &opts.address {
         Some(a) => ListenAddress::parse(a).map_err(|e| e.to_string())?,
         None => ListenAddress::session_default(),
@@ -119,6 +120,20 @@ fn start_activation(opts: &Options, address: String, events: UnboundedSender<Cor
         policy.limit_interval = Duration::from_millis(ms);
     }
     Ok(Activation::new(dirs, policy, Some(supervisor), address))
+}
+
+/// Each connection takes a file descriptor: like dbus-daemon, take all the kernel allows.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!("cannot read the open-file limit: {e}"),
+    }
 }
 
 /// The address without its `guid=`, as services are given it.

@@ -2,7 +2,7 @@
 //! reacting to process exits and timeouts, and dropping a service's connection when the
 //! process that owns its name dies.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use tracing::{info, warn};
@@ -88,7 +88,8 @@ impl Bus {
             return;
         }
         p.service_owner = true;
-        let Some(pidfd) = p.creds.pidfd.as_ref().and_then(|fd| fd.try_clone().ok()) else { return };
+        // Without a pidfd (kernels before 6.5), the reaper's report of the exit does the same.
+        let Some(pidfd) = supervisor::peer_pidfd(p.conn.stream.as_fd()) else { return };
         let events = self.events.clone();
         tokio::task::spawn_local(watch_pidfd(pidfd, peer, events));
     }

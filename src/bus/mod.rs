@@ -7,7 +7,7 @@ pub mod names;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
 use tokio::io::Interest;
@@ -75,8 +75,6 @@ pub struct Credentials {
     pub uid: u32,
     pub pid: u32,
     pub gids: Vec<u32>,
-    /// A pidfd naming the peer's process for good, where the kernel offers one.
-    pub pidfd: Option<OwnedFd>,
     pub security_label: Option<Vec<u8>>,
 }
 
