@@ -49,14 +49,18 @@ impl ListenAddress {
     /// the first is taken.
     pub fn parse(address: &str) -> Result<ListenAddress, AddressError> {
         let first = address.split(';').find(|a| !a.is_empty()).unwrap_or("");
-        let rest = first
-            .strip_prefix("unix:")
-            .ok_or_else(|| error(format!("unsupported address {first:?}: only unix: transports are supported")))?;
+        let rest = first.strip_prefix("unix:").ok_or_else(|| {
+            error(format!(
+                "unsupported address {first:?}: only unix: transports are supported"
+            ))
+        })?;
         let mut found = None;
         for pair in rest.split(',').filter(|p| !p.is_empty()) {
-            let (key, value) = pair
-                .split_once('=')
-                .ok_or_else(|| error(format!("malformed key=value pair {pair:?} in address {first:?}")))?;
+            let (key, value) = pair.split_once('=').ok_or_else(|| {
+                error(format!(
+                    "malformed key=value pair {pair:?} in address {first:?}"
+                ))
+            })?;
             let value = unescape(value)?;
             let parsed = match key {
                 "path" => ListenAddress::Path(PathBuf::from(OsStr::from_bytes(&value))),
@@ -64,7 +68,9 @@ impl ListenAddress {
                 "tmpdir" | "dir" => ListenAddress::Dir(PathBuf::from(OsStr::from_bytes(&value))),
                 "runtime" if value == b"yes" => ListenAddress::Path(
                     runtime_dir()
-                        .ok_or_else(|| error("unix:runtime=yes needs XDG_RUNTIME_DIR to name a directory"))?
+                        .ok_or_else(|| {
+                            error("unix:runtime=yes needs XDG_RUNTIME_DIR to name a directory")
+                        })?
                         .join("bus"),
                 ),
                 "runtime" => return Err(error("unix:runtime only takes the value yes")),
@@ -77,7 +83,11 @@ impl ListenAddress {
                 )));
             }
         }
-        found.ok_or_else(|| error(format!("address {first:?} names no path, abstract, tmpdir, dir or runtime")))
+        found.ok_or_else(|| {
+            error(format!(
+                "address {first:?} names no path, abstract, tmpdir, dir or runtime"
+            ))
+        })
     }
 
     /// Binds the address. A socket file where a bus already answers is refused; a stale one is
@@ -89,7 +99,10 @@ impl ListenAddress {
                 let addr = SocketAddr::from_abstract_name(name)
                     .map_err(|e| error(format!("bad abstract socket name: {e}")))?;
                 let listener = StdListener::bind_addr(&addr).map_err(|e| {
-                    error(format!("cannot listen on abstract socket {}: {e}", String::from_utf8_lossy(name)))
+                    error(format!(
+                        "cannot listen on abstract socket {}: {e}",
+                        String::from_utf8_lossy(name)
+                    ))
                 })?;
                 Ok((listener, self.clone()))
             }
@@ -127,10 +140,17 @@ fn runtime_dir() -> Option<PathBuf> {
 fn bind_path(path: &Path) -> Result<StdListener, AddressError> {
     if path.exists() {
         if StdStream::connect(path).is_ok() {
-            return Err(error(format!("a bus already listens at {}", path.display())));
+            return Err(error(format!(
+                "a bus already listens at {}",
+                path.display()
+            )));
         }
-        std::fs::remove_file(path)
-            .map_err(|e| error(format!("cannot remove stale socket {}: {e}", path.display())))?;
+        std::fs::remove_file(path).map_err(|e| {
+            error(format!(
+                "cannot remove stale socket {}: {e}",
+                path.display()
+            ))
+        })?;
     }
     StdListener::bind(path).map_err(|e| error(format!("cannot listen on {}: {e}", path.display())))
 }
@@ -201,8 +221,14 @@ mod tests {
             ListenAddress::parse("unix:abstract=foo").unwrap(),
             ListenAddress::Abstract(b"foo".to_vec())
         );
-        assert_eq!(ListenAddress::parse("unix:tmpdir=/tmp").unwrap(), ListenAddress::Dir("/tmp".into()));
-        assert_eq!(ListenAddress::parse("unix:dir=/var").unwrap(), ListenAddress::Dir("/var".into()));
+        assert_eq!(
+            ListenAddress::parse("unix:tmpdir=/tmp").unwrap(),
+            ListenAddress::Dir("/tmp".into())
+        );
+        assert_eq!(
+            ListenAddress::parse("unix:dir=/var").unwrap(),
+            ListenAddress::Dir("/var".into())
+        );
         assert_eq!(
             ListenAddress::parse("unix:path=/x,guid=0123;unix:abstract=y").unwrap(),
             ListenAddress::Path("/x".into())
@@ -211,7 +237,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_addresses() {
-        for bad in ["tcp:host=localhost", "unix:", "unix:path=/a,abstract=b", "unix:path=%zz", "unix:foo=1", "unix:runtime=no"] {
+        for bad in [
+            "tcp:host=localhost",
+            "unix:",
+            "unix:path=/a,abstract=b",
+            "unix:path=%zz",
+            "unix:foo=1",
+            "unix:runtime=no",
+        ] {
             assert!(ListenAddress::parse(bad).is_err(), "{bad} accepted");
         }
     }

@@ -54,10 +54,18 @@ impl Options {
             match flag.as_str() {
                 "--session" => opts.session = true,
                 "--address" => opts.address = Some(value("--address")?),
-                "--activation-dir" => opts.activation_dirs.push(PathBuf::from(value("--activation-dir")?)),
-                "--start-timeout-ms" => opts.start_timeout_ms = Some(number(&flag, &value(&flag)?)?),
-                "--start-limit-burst" => opts.start_limit_burst = Some(number(&flag, &value(&flag)?)?),
-                "--start-limit-interval-ms" => opts.start_limit_interval_ms = Some(number(&flag, &value(&flag)?)?),
+                "--activation-dir" => opts
+                    .activation_dirs
+                    .push(PathBuf::from(value("--activation-dir")?)),
+                "--start-timeout-ms" => {
+                    opts.start_timeout_ms = Some(number(&flag, &value(&flag)?)?)
+                }
+                "--start-limit-burst" => {
+                    opts.start_limit_burst = Some(number(&flag, &value(&flag)?)?)
+                }
+                "--start-limit-interval-ms" => {
+                    opts.start_limit_interval_ms = Some(number(&flag, &value(&flag)?)?)
+                }
                 "--print-address" | "--print-pid" => {
                     // The fd is optional; a following argument is taken only if it is a number.
                     let fd = match inline {
@@ -105,7 +113,9 @@ fn parse_fd(flag: &str, value: &str) -> Result<i32, UsageError> {
 
 fn check_fd(flag: &str, fd: i32) -> Result<i32, UsageError> {
     if fd < 0 {
-        return Err(UsageError(format!("{flag}: {fd} is not a file descriptor number")));
+        return Err(UsageError(format!(
+            "{flag}: {fd} is not a file descriptor number"
+        )));
     }
     Ok(fd)
 }
@@ -121,7 +131,14 @@ mod tests {
     #[test]
     fn both_value_forms_work() {
         let a = parse(&["--session", "--address=unix:path=/x", "--print-address=5"]).unwrap();
-        let b = parse(&["--session", "--address", "unix:path=/x", "--print-address", "5"]).unwrap();
+        let b = parse(&[
+            "--session",
+            "--address",
+            "unix:path=/x",
+            "--print-address",
+            "5",
+        ])
+        .unwrap();
         assert_eq!(a, b);
         assert_eq!(a.print_address, Some(5));
         assert_eq!(a.address.as_deref(), Some("unix:path=/x"));
@@ -136,7 +153,10 @@ mod tests {
 
     #[test]
     fn bad_input_is_refused() {
-        assert_eq!(parse(&["--frobnicate"]).unwrap_err().0, "unknown option --frobnicate");
+        assert_eq!(
+            parse(&["--frobnicate"]).unwrap_err().0,
+            "unknown option --frobnicate"
+        );
         assert!(parse(&["--address"]).is_err());
         assert!(parse(&["--print-address=x"]).is_err());
         assert!(parse(&["--print-pid=-3"]).is_err());
@@ -144,8 +164,21 @@ mod tests {
 
     #[test]
     fn start_settings_are_positive_numbers() {
-        let o = parse(&["--start-timeout-ms=500", "--start-limit-burst", "3", "--start-limit-interval-ms=100"]).unwrap();
-        assert_eq!((o.start_timeout_ms, o.start_limit_burst, o.start_limit_interval_ms), (Some(500), Some(3), Some(100)));
+        let o = parse(&[
+            "--start-timeout-ms=500",
+            "--start-limit-burst",
+            "3",
+            "--start-limit-interval-ms=100",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                o.start_timeout_ms,
+                o.start_limit_burst,
+                o.start_limit_interval_ms
+            ),
+            (Some(500), Some(3), Some(100))
+        );
         assert!(parse(&["--start-timeout-ms=0"]).is_err());
         assert!(parse(&["--start-limit-burst=x"]).is_err());
     }
@@ -153,6 +186,9 @@ mod tests {
     #[test]
     fn activation_dirs_accumulate() {
         let o = parse(&["--activation-dir", "/a", "--activation-dir=/b"]).unwrap();
-        assert_eq!(o.activation_dirs, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!(
+            o.activation_dirs,
+            vec![PathBuf::from("/a"), PathBuf::from("/b")]
+        );
     }
 }

@@ -39,13 +39,20 @@ pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
     let authenticated = match auth::authenticate(&stream, creds.uid, &shared.auth).await {
         Ok(a) => a,
         Err(e) => {
-            info!(pid = creds.pid, uid = creds.uid, "authentication failed: {e}");
+            info!(
+                pid = creds.pid,
+                uid = creds.uid,
+                "authentication failed: {e}"
+            );
             return;
         }
     };
     let (pid, uid) = (creds.pid, creds.uid);
     let conn = Conn::new(stream);
-    let id = shared.bus.borrow_mut().add_peer(conn.clone(), creds, authenticated.unix_fds);
+    let id = shared
+        .bus
+        .borrow_mut()
+        .add_peer(conn.clone(), creds, authenticated.unix_fds);
     let mut reader = FrameReader::with_leftover(authenticated.leftover);
     match run(&shared, &conn, id, &mut reader).await {
         Ok(()) | Err(WireError::Closed) => debug!(peer = id, "connection closed"),
@@ -61,7 +68,12 @@ pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
     flush_all(dirty);
 }
 
-async fn run(shared: &Shared, conn: &Conn, id: PeerId, reader: &mut FrameReader) -> Result<(), WireError> {
+async fn run(
+    shared: &Shared,
+    conn: &Conn,
+    id: PeerId,
+    reader: &mut FrameReader,
+) -> Result<(), WireError> {
     let mut batch = Vec::new();
     reader.drain_leftover(&shared.frame_limits, &mut batch)?;
     dispatch(shared, id, &mut batch);

@@ -23,7 +23,10 @@ pub struct Fail {
 }
 
 fn fail(name: &'static str, text: impl Into<String>) -> Fail {
-    Fail { name, text: text.into() }
+    Fail {
+        name,
+        text: text.into(),
+    }
 }
 
 fn invalid_args(text: impl Into<String>) -> Fail {
@@ -49,7 +52,10 @@ impl Bus {
         }
         let header = msg.header();
         let interface = header.interface().map(|i| i.as_str().to_owned());
-        let member = header.member().map(|m| m.as_str().to_owned()).unwrap_or_default();
+        let member = header
+            .member()
+            .map(|m| m.as_str().to_owned())
+            .unwrap_or_default();
         drop(header);
         debug!(from, member = %member, "driver call");
         if member == "Hello" && interface.as_deref().is_none_or(|i| i == DRIVER) {
@@ -59,7 +65,9 @@ impl Bus {
         // These reply themselves: after a change of state, or once a service has started.
         let replied_itself = match (interface.as_deref(), member.as_str()) {
             (Some(MONITORING_IFACE), "BecomeMonitor") => Some(self.become_monitor(from, msg)),
-            (None | Some(DRIVER), "StartServiceByName") => Some(self.start_service_by_name(from, msg)),
+            (None | Some(DRIVER), "StartServiceByName") => {
+                Some(self.start_service_by_name(from, msg))
+            }
             _ => None,
         };
         let outcome = match replied_itself {
@@ -74,7 +82,13 @@ impl Bus {
         }
     }
 
-    fn driver_method(&mut self, from: PeerId, msg: &Message, interface: Option<&str>, member: &str) -> Outcome {
+    fn driver_method(
+        &mut self,
+        from: PeerId,
+        msg: &Message,
+        interface: Option<&str>,
+        member: &str,
+    ) -> Outcome {
         match (interface, member) {
             (Some(PEER_IFACE), "Ping") => reply(msg, &()),
             (Some(PEER_IFACE), "GetMachineId") => reply(msg, &(self.machine_id.as_str(),)),
@@ -96,7 +110,9 @@ impl Bus {
             "ListQueuedOwners" => self.list_queued_owners(msg),
             "ListNames" => reply(msg, &(self.list_names(),)),
             "ListActivatableNames" => {
-                let names: Vec<&str> = std::iter::once(DRIVER).chain(self.activation.names()).collect();
+                let names: Vec<&str> = std::iter::once(DRIVER)
+                    .chain(self.activation.names())
+                    .collect();
                 reply(msg, &(names,))
             }
             "NameHasOwner" => {
@@ -113,15 +129,19 @@ impl Bus {
             "RemoveMatch" => self.remove_match(from, msg),
             "GetId" => reply(msg, &(self.guid.as_str(),)),
             "GetConnectionUnixUser" => self.with_creds(msg, "UID", |c, _| reply(msg, &(c.uid,))),
-            "GetConnectionUnixProcessID" => self.with_creds(msg, "PID", |c, _| reply(msg, &(c.pid,))),
+            "GetConnectionUnixProcessID" => {
+                self.with_creds(msg, "PID", |c, _| reply(msg, &(c.pid,)))
+            }
             "GetConnectionCredentials" => self.connection_credentials(from, msg),
-            "GetConnectionSELinuxSecurityContext" => self.with_creds(msg, "security context", |c, _| match &c.security_label {
-                Some(label) => reply(msg, &(label.as_slice(),)),
-                None => Err(fail(
-                    "org.freedesktop.DBus.Error.SELinuxSecurityContextUnknown",
-                    "Could not determine security context: SELinux is not in use",
-                )),
-            }),
+            "GetConnectionSELinuxSecurityContext" => {
+                self.with_creds(msg, "security context", |c, _| match &c.security_label {
+                    Some(label) => reply(msg, &(label.as_slice(),)),
+                    None => Err(fail(
+                        "org.freedesktop.DBus.Error.SELinuxSecurityContextUnknown",
+                        "Could not determine security context: SELinux is not in use",
+                    )),
+                })
+            }
             "GetAdtAuditSessionData" => self.with_creds(msg, "audit session data", |_, _| {
                 Err(fail(
                     "org.freedesktop.DBus.Error.AdtAuditDataUnknown",
@@ -134,9 +154,16 @@ impl Bus {
 
     /// `Hello`: the reply, then `NameOwnerChanged`, then `NameAcquired`, as dbus-daemon orders them.
     fn hello(&mut self, from: PeerId, msg: &Message) {
-        let Some(peer) = self.peers.get_mut(&from) else { return };
+        let Some(peer) = self.peers.get_mut(&from) else {
+            return;
+        };
         if peer.registered {
-            self.reply_error(from, msg, "org.freedesktop.DBus.Error.Failed", "Already handled an Hello message");
+            self.reply_error(
+                from,
+                msg,
+                "org.freedesktop.DBus.Error.Failed",
+                "Already handled an Hello message",
+            );
             return;
         }
         peer.registered = true;
@@ -188,20 +215,31 @@ impl Bus {
         if name.starts_with(':') {
             return match self.resolve(&name) {
                 Some(_) => reply(msg, &(vec![name.as_str()],)),
-                None => Err(no_owner(format!("Could not get owners of name '{name}': no such name"))),
+                None => Err(no_owner(format!(
+                    "Could not get owners of name '{name}': no such name"
+                ))),
             };
         }
-        let queue = self
-            .names
-            .queue(&name)
-            .ok_or_else(|| no_owner(format!("Could not get owners of name '{name}': no such name")))?;
-        let owners: Vec<&str> = queue.iter().filter_map(|&id| self.unique_name(id)).collect();
+        let queue = self.names.queue(&name).ok_or_else(|| {
+            no_owner(format!(
+                "Could not get owners of name '{name}': no such name"
+            ))
+        })?;
+        let owners: Vec<&str> = queue
+            .iter()
+            .filter_map(|&id| self.unique_name(id))
+            .collect();
         reply(msg, &(owners,))
     }
 
     fn list_names(&self) -> Vec<&str> {
         let mut names = vec![DRIVER];
-        names.extend(self.peers.values().filter(|p| p.registered && !p.monitor).map(|p| p.unique.as_str()));
+        names.extend(
+            self.peers
+                .values()
+                .filter(|p| p.registered && !p.monitor)
+                .map(|p| p.unique.as_str()),
+        );
         names.extend(self.names.names());
         names
     }
@@ -214,7 +252,9 @@ impl Bus {
         }
         match self.resolve(&name).and_then(|id| self.unique_name(id)) {
             Some(owner) => reply(msg, &(owner,)),
-            None => Err(no_owner(format!("Could not get owner of name '{name}': no such name"))),
+            None => Err(no_owner(format!(
+                "Could not get owner of name '{name}': no such name"
+            ))),
         }
     }
 
@@ -232,7 +272,13 @@ impl Bus {
                 format!("The name {name} was not provided by any .service files"),
             ));
         }
-        self.activate(&name, Waiter::Start { from, call: msg.clone() });
+        self.activate(
+            &name,
+            Waiter::Start {
+                from,
+                call: msg.clone(),
+            },
+        );
         Ok(())
     }
 
@@ -243,11 +289,19 @@ impl Bus {
         if uid != self.owner_uid && uid != 0 {
             return Err(fail(
                 "org.freedesktop.DBus.Error.AccessDenied",
-                format!("uid {uid} may not change the activation environment of a bus owned by uid {}", self.owner_uid),
+                format!(
+                    "uid {uid} may not change the activation environment of a bus owned by uid {}",
+                    self.owner_uid
+                ),
             ));
         }
-        if let Some(bad) = vars.keys().find(|k| k.is_empty() || k.contains('=') || k.contains('\0')) {
-            return Err(invalid_args(format!("{bad:?} is not a valid environment variable name")));
+        if let Some(bad) = vars
+            .keys()
+            .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+        {
+            return Err(invalid_args(format!(
+                "{bad:?} is not a valid environment variable name"
+            )));
         }
         self.activation.update_environment(vars);
         reply(msg, &())
@@ -255,10 +309,12 @@ impl Bus {
 
     fn add_match(&mut self, from: PeerId, msg: &Message) -> Outcome {
         let (text,): (String,) = args(msg)?;
-        let rule = MatchRule::parse(&text)
-            .map_err(rule_error)?;
+        let rule = MatchRule::parse(&text).map_err(rule_error)?;
         let max = self.limits.max_match_rules_per_connection;
-        let peer = self.peers.get_mut(&from).ok_or_else(|| invalid_args("unknown connection"))?;
+        let peer = self
+            .peers
+            .get_mut(&from)
+            .ok_or_else(|| invalid_args("unknown connection"))?;
         if peer.rules.len() >= max {
             return Err(fail(
                 "org.freedesktop.DBus.Error.LimitsExceeded",
@@ -266,14 +322,17 @@ impl Bus {
             ));
         }
         peer.rules.push(rule);
+        self.refresh_rules(from);
         reply(msg, &())
     }
 
     fn remove_match(&mut self, from: PeerId, msg: &Message) -> Outcome {
         let (text,): (String,) = args(msg)?;
-        let rule = MatchRule::parse(&text)
-            .map_err(rule_error)?;
-        let peer = self.peers.get_mut(&from).ok_or_else(|| invalid_args("unknown connection"))?;
+        let rule = MatchRule::parse(&text).map_err(rule_error)?;
+        let peer = self
+            .peers
+            .get_mut(&from)
+            .ok_or_else(|| invalid_args("unknown connection"))?;
         let at = peer.rules.iter().position(|r| *r == rule).ok_or_else(|| {
             fail(
                 "org.freedesktop.DBus.Error.MatchRuleNotFound",
@@ -281,6 +340,7 @@ impl Bus {
             )
         })?;
         peer.rules.remove(at);
+        self.refresh_rules(from);
         reply(msg, &())
     }
 
@@ -297,12 +357,16 @@ impl Bus {
         if name == DRIVER {
             return f(&own_credentials(), None);
         }
-        let id = self
-            .resolve(&name)
-            .ok_or_else(|| no_owner(format!("Could not get {what} of name '{name}': no such name")))?;
+        let id = self.resolve(&name).ok_or_else(|| {
+            no_owner(format!(
+                "Could not get {what} of name '{name}': no such name"
+            ))
+        })?;
         match self.peers.get(&id) {
             Some(peer) => f(&peer.creds, Some(&peer.conn)),
-            None => Err(no_owner(format!("Could not get {what} of name '{name}': no such name"))),
+            None => Err(no_owner(format!(
+                "Could not get {what} of name '{name}': no such name"
+            ))),
         }
     }
 
@@ -317,7 +381,9 @@ impl Bus {
                 dict.insert("LinuxSecurityLabel", Value::from(label.clone()));
             }
             // Asked of the kernel only now: a pidfd per connection would double the bus's fds.
-            let pidfd = conn.filter(|_| caller_takes_fds).and_then(|c| peer_pidfd(c.stream.as_fd()));
+            let pidfd = conn
+                .filter(|_| caller_takes_fds)
+                .and_then(|c| peer_pidfd(c.stream.as_fd()));
             if let Some(pidfd) = &pidfd {
                 dict.insert("ProcessFD", Value::Fd(Fd::from(pidfd.as_fd())));
             }
@@ -353,7 +419,8 @@ impl Bus {
                 reply(msg, &(all,))
             }
             "Set" => {
-                let (interface, property, _value): (String, String, zbus::OwnedVariant) = args(msg)?;
+                let (interface, property, _value): (String, String, zbus::OwnedVariant) =
+                    args(msg)?;
                 if interface != DRIVER {
                     return Err(unknown_interface(&interface));
                 }
@@ -387,7 +454,13 @@ impl Bus {
     }
 }
 
-const KNOWN_INTERFACES: &[&str] = &[DRIVER, PEER_IFACE, INTROSPECTABLE_IFACE, PROPERTIES_IFACE, MONITORING_IFACE];
+const KNOWN_INTERFACES: &[&str] = &[
+    DRIVER,
+    PEER_IFACE,
+    INTROSPECTABLE_IFACE,
+    PROPERTIES_IFACE,
+    MONITORING_IFACE,
+];
 
 fn features() -> Vec<&'static str> {
     Vec::new()
@@ -443,7 +516,9 @@ where
     if let Some(sender) = header.sender() {
         builder = builder.destination(sender.as_str());
     }
-    builder.build(body).map_err(|e| fail("org.freedesktop.DBus.Error.Failed", e.to_string()))
+    builder
+        .build(body)
+        .map_err(|e| fail("org.freedesktop.DBus.Error.Failed", e.to_string()))
 }
 
 fn valid_bus_name(name: &str) -> Result<(), Fail> {
@@ -455,9 +530,12 @@ fn valid_bus_name(name: &str) -> Result<(), Fail> {
 /// A name a client may own: a valid well-known name other than the driver's.
 fn ownable_name(name: &str) -> Result<&str, Fail> {
     if name.starts_with(':') {
-        return Err(invalid_args(format!("Cannot acquire a service starting with ':' such as \"{name}\"")));
+        return Err(invalid_args(format!(
+            "Cannot acquire a service starting with ':' such as \"{name}\""
+        )));
     }
-    WellKnownName::try_from(name).map_err(|_| invalid_args(format!("Requested bus name \"{name}\" is not valid")))?;
+    WellKnownName::try_from(name)
+        .map_err(|_| invalid_args(format!("Requested bus name \"{name}\" is not valid")))?;
     if name == DRIVER {
         return Err(invalid_args(format!(
             "Connection is not allowed to own the service \"{DRIVER}\" because it is reserved for D-Bus' use only"
@@ -488,8 +566,17 @@ fn introspect(msg: &Message) -> String {
     if path == DRIVER_PATH || path == "/" {
         xml.push_str(DRIVER_INTERFACES_XML);
     }
-    let below = if path == "/" { DRIVER_PATH.strip_prefix('/') } else { DRIVER_PATH.strip_prefix(path).and_then(|r| r.strip_prefix('/')) };
-    if let Some(child) = below.and_then(|rest| rest.split('/').next()).filter(|c| !c.is_empty()) {
+    let below = if path == "/" {
+        DRIVER_PATH.strip_prefix('/')
+    } else {
+        DRIVER_PATH
+            .strip_prefix(path)
+            .and_then(|r| r.strip_prefix('/'))
+    };
+    if let Some(child) = below
+        .and_then(|rest| rest.split('/').next())
+        .filter(|c| !c.is_empty())
+    {
         xml.push_str(&format!("  <node name=\"{child}\"/>\n"));
     }
     xml.push_str("</node>\n");

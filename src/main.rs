@@ -23,7 +23,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BROKER_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("BROKER_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .init();
     match broker::server::run(opts) {

@@ -99,6 +99,33 @@ impl fmt::Display for MatchRuleError {
 impl std::error::Error for MatchRuleError {}
 
 /// What a match needs to know about the bus's names, borrowed from the bus for one call.
+/// The header fields of one message that rules look at.
+pub struct Fields<'m> {
+    msg: &'m Message,
+    sender: Option<&'m str>,
+    interface: Option<&'m str>,
+    member: Option<&'m str>,
+    path: Option<&'m str>,
+    destination: Option<&'m str>,
+}
+
+impl<'m> Fields<'m> {
+    pub fn of(msg: &'m Message, header: &'m zbus::message::Header<'m>) -> Fields<'m> {
+        Fields {
+            msg,
+            sender: header.sender().map(UniqueName::as_str),
+            interface: header.interface().map(|i| i.as_str()),
+            member: header.member().map(|m| m.as_str()),
+            path: header.path().map(ObjectPath::as_str),
+            destination: header.destination().map(BusName::as_str),
+        }
+    }
+
+    pub fn destination(&self) -> Option<&'m str> {
+        self.destination
+    }
+}
+
 pub struct MatchContext<'a> {
     /// Unique name of the current primary owner of a well-known name, if any (for
     /// `sender='well.known.Name'` and `destination='well.known.Name'` rules).
@@ -133,16 +160,23 @@ impl MatchRule {
     /// `eavesdrop` plays no part: whether a unicast message may go to this rule's owner is the
     /// bus's decision.
     pub fn matches(&self, msg: &Message, ctx: &MatchContext<'_>) -> bool {
-        if self.msg_type.is_some_and(|t| t != msg.message_type()) {
+        self.matches_fields(&Fields::of(msg, &msg.header()), ctx)
+    }
+
+    /// As `matches`, with the header fields read once for all the rules a message is tried on.
+    pub fn matches_fields(&self, fields: &Fields<'_>, ctx: &MatchContext<'_>) -> bool {
+        if self
+            .msg_type
+            .is_some_and(|t| t != fields.msg.message_type())
+        {
             return false;
         }
-        let header = msg.header();
-        self.sender_matches(header.sender().map(UniqueName::as_str), ctx)
-            && field_matches(&self.interface, header.interface().map(|i| i.as_str()))
-            && field_matches(&self.member, header.member().map(|m| m.as_str()))
-            && self.path_matches(header.path().map(ObjectPath::as_str))
-            && self.destination_matches(header.destination().map(BusName::as_str), ctx)
-            && self.args_match(msg)
+        field_matches(&self.member, fields.member)
+            && field_matches(&self.interface, fields.interface)
+            && self.sender_matches(fields.sender, ctx)
+            && self.path_matches(fields.path)
+            && self.destination_matches(fields.destination, ctx)
+            && self.args_match(fields.msg)
     }
 
     /// The message type the rule asks for, if any.

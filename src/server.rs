@@ -14,12 +14,12 @@ use tokio::sync::mpsc::{self, UnboundedSender};
 
 use crate::activation::{Activation, StartPolicy, files, watch};
 use crate::address::{ListenAddress, random_hex};
-use crate::bus::activation::CoreEvent;
-use crate::supervisor::{self, Supervisor};
 use crate::auth::AuthPolicy;
+use crate::bus::activation::CoreEvent;
 use crate::bus::{Bus, Limits};
 use crate::cli::Options;
 use crate::connection::{self, Shared};
+use crate::supervisor::{self, Supervisor};
 use crate::wire::{FrameLimits, MAX_MESSAGE_SIZE};
 
 /// Runs the bus until a signal stops it.
@@ -42,7 +42,8 @@ async fn serve(opts: Options) -> Result<(), String> {
     std_listener
         .set_nonblocking(true)
         .map_err(|e| format!("cannot make the listening socket non-blocking: {e}"))?;
-    let listener = UnixListener::from_std(std_listener).map_err(|e| format!("cannot register the listening socket: {e}"))?;
+    let listener = UnixListener::from_std(std_listener)
+        .map_err(|e| format!("cannot register the listening socket: {e}"))?;
     let _cleanup = SocketFile(bound.socket_file().map(Into::into));
 
     let guid = random_hex(16);
@@ -58,19 +59,29 @@ async fn serve(opts: Options) -> Result<(), String> {
     let (events, mut event_rx) = mpsc::unbounded_channel();
     let activation = start_activation(&opts, address_without_guid(&address), events.clone())?;
     let shared = Rc::new(Shared {
-        bus: RefCell::new(Bus::new(guid.clone(), Limits::default(), activation, events)),
+        bus: RefCell::new(Bus::new(
+            guid.clone(),
+            Limits::default(),
+            activation,
+            events,
+        )),
         auth: AuthPolicy {
             guid,
             owner_uid: nix::unistd::getuid().as_raw(),
             timeout: Duration::from_secs(30),
             max_line: 16 * 1024,
         },
-        frame_limits: FrameLimits { max_message_size: MAX_MESSAGE_SIZE, max_fds: 253 },
+        frame_limits: FrameLimits {
+            max_message_size: MAX_MESSAGE_SIZE,
+            max_fds: 253,
+        },
         scratch: RefCell::new(Vec::new()),
     });
 
-    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
     loop {
         tokio::select! {
@@ -95,9 +106,14 @@ async fn serve(opts: Options) -> Result<(), String> {
 
 /// Makes the broker the subreaper of what it starts, starts the reaper, and loads the activation
 /// files: those of `--activation-dir`, then the standard session directories.
-fn start_activation(opts: &Options, address: String, events: UnboundedSender<CoreEvent>) -> Result<Activation, String> {
+fn start_activation(
+    opts: &Options,
+    address: String,
+    events: UnboundedSender<CoreEvent>,
+) -> Result<Activation, String> {
     supervisor::become_subreaper().map_err(|e| format!("cannot become a child subreaper: {e}"))?;
-    let (supervisor, mut exits) = Supervisor::start().map_err(|e| format!("cannot start the reaper: {e}"))?;
+    let (supervisor, mut exits) =
+        Supervisor::start().map_err(|e| format!("cannot start the reaper: {e}"))?;
     let forward = events.clone();
     tokio::task::spawn_local(async move {
         while let Some(exit) = exits.recv().await {
@@ -138,7 +154,11 @@ fn raise_fd_limit() {
 
 /// The address without its `guid=`, as services are given it.
 fn address_without_guid(address: &str) -> String {
-    address.split(',').filter(|kv| !kv.starts_with("guid=")).collect::<Vec<_>>().join(",")
+    address
+        .split(',')
+        .filter(|kv| !kv.starts_with("guid="))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn handle_event(shared: &Shared, event: CoreEvent) {
@@ -155,7 +175,8 @@ fn print_to_fd(fd: RawFd, line: &str) -> Result<(), String> {
     let text = format!("{line}\n");
     // SAFETY: the fd was handed to us on the command line; it stays open for this call.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let written = nix::unistd::write(borrowed, text.as_bytes()).map_err(|e| format!("cannot write to fd {fd}: {e}"))?;
+    let written = nix::unistd::write(borrowed, text.as_bytes())
+        .map_err(|e| format!("cannot write to fd {fd}: {e}"))?;
     if written != text.len() {
         return Err(format!("short write to fd {fd}"));
     }

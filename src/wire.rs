@@ -66,7 +66,9 @@ fn frame_len(head: &[u8], max_size: usize) -> Result<usize, WireError> {
     }
     let total = (FIXED_HEADER + fields).next_multiple_of(8) + body;
     if total > max_size {
-        return Err(invalid(format!("message of {total} bytes exceeds the limit of {max_size}")));
+        return Err(invalid(format!(
+            "message of {total} bytes exceeds the limit of {max_size}"
+        )));
     }
     Ok(total)
 }
@@ -84,7 +86,10 @@ pub struct FrameReader {
 impl FrameReader {
     /// Starts with bytes already read (those that followed `BEGIN` in the handshake).
     pub fn with_leftover(leftover: Vec<u8>) -> FrameReader {
-        FrameReader { partial: leftover, fds: VecDeque::new() }
+        FrameReader {
+            partial: leftover,
+            fds: VecDeque::new(),
+        }
     }
 
     /// Reads what the socket has (without blocking) and appends each whole, valid message to
@@ -104,7 +109,11 @@ impl FrameReader {
 
     /// Parses whatever complete messages the bytes held so far form (used for the handshake's
     /// leftover before the first read).
-    pub fn drain_leftover(&mut self, limits: &FrameLimits, out: &mut Vec<Message>) -> Result<(), WireError> {
+    pub fn drain_leftover(
+        &mut self,
+        limits: &FrameLimits,
+        out: &mut Vec<Message>,
+    ) -> Result<(), WireError> {
         let partial = std::mem::take(&mut self.partial);
         self.take_messages(&partial, limits, out)
     }
@@ -112,13 +121,21 @@ impl FrameReader {
     fn recv(&mut self, fd: RawFd, buf: &mut [u8]) -> Result<usize, WireError> {
         let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_READ]);
         let mut iov = [IoSliceMut::new(buf)];
-        let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT)
-            .map_err(|e| WireError::Io(e.into()))?;
+        let msg = recvmsg::<()>(
+            fd,
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(|e| WireError::Io(e.into()))?;
         let n = msg.bytes;
         for c in msg.cmsgs().map_err(|e| WireError::Io(e.into()))? {
             if let ControlMessageOwned::ScmRights(fds) = c {
                 // SAFETY: the kernel just handed us these descriptors; nothing else owns them.
-                self.fds.extend(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                self.fds.extend(
+                    fds.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
             }
         }
         if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
@@ -130,7 +147,12 @@ impl FrameReader {
         Ok(n)
     }
 
-    fn take_messages(&mut self, mut data: &[u8], limits: &FrameLimits, out: &mut Vec<Message>) -> Result<(), WireError> {
+    fn take_messages(
+        &mut self,
+        mut data: &[u8],
+        limits: &FrameLimits,
+        out: &mut Vec<Message>,
+    ) -> Result<(), WireError> {
         if !self.partial.is_empty() {
             data = self.complete_partial(data, limits, out)?;
         }
@@ -164,7 +186,8 @@ impl FrameReader {
             }
         }
         let total = frame_len(&self.partial, limits.max_message_size)?;
-        self.partial.reserve_exact(total.saturating_sub(self.partial.len()));
+        self.partial
+            .reserve_exact(total.saturating_sub(self.partial.len()));
         let take = (total - self.partial.len()).min(data.len());
         self.partial.extend_from_slice(&data[..take]);
         if self.partial.len() == total {
@@ -176,20 +199,33 @@ impl FrameReader {
 
     /// Checks one whole message: header, then body against its signature.
     fn parse(&mut self, bytes: Vec<u8>, limits: &FrameLimits) -> Result<Message, WireError> {
-        let endian = if bytes[0] == b'B' { Endian::Big } else { Endian::Little };
+        let endian = if bytes[0] == b'B' {
+            Endian::Big
+        } else {
+            Endian::Little
+        };
         let nfds = declared_fds(&bytes, endian);
         if nfds > limits.max_fds {
-            return Err(invalid(format!("message carries {nfds} file descriptors, more than {}", limits.max_fds)));
+            return Err(invalid(format!(
+                "message carries {nfds} file descriptors, more than {}",
+                limits.max_fds
+            )));
         }
         if nfds > self.fds.len() {
-            return Err(invalid(format!("message declares {nfds} file descriptors but {} arrived", self.fds.len())));
+            return Err(invalid(format!(
+                "message declares {nfds} file descriptors but {} arrived",
+                self.fds.len()
+            )));
         }
         let fds: Vec<OwnedFd> = self.fds.drain(..nfds).collect();
         let data = Data::new_fds(bytes, Context::new(endian, 0), fds);
         // SAFETY: `from_bytes` checks the header itself; the body is checked right below, before
         // anything reads it.
-        let msg = unsafe { Message::from_bytes(data) }.map_err(|e| invalid(format!("bad header: {e}")))?;
-        msg.body().validate().map_err(|e| invalid(format!("bad body: {e}")))?;
+        let msg = unsafe { Message::from_bytes(data) }
+            .map_err(|e| invalid(format!("bad header: {e}")))?;
+        msg.body()
+            .validate()
+            .map_err(|e| invalid(format!("bad body: {e}")))?;
         Ok(msg)
     }
 }
@@ -204,7 +240,9 @@ fn declared_fds(bytes: &[u8], endian: Endian) -> usize {
             Endian::Big => u32::from_be_bytes(b),
         })
     };
-    let Some(fields_len) = u32_at(12) else { return 0 };
+    let Some(fields_len) = u32_at(12) else {
+        return 0;
+    };
     let end = (FIXED_HEADER + fields_len as usize).min(bytes.len());
     let mut at = FIXED_HEADER;
     while at + 4 <= end {
@@ -221,7 +259,10 @@ fn declared_fds(bytes: &[u8], endian: Endian) -> usize {
                 let v = value_at.next_multiple_of(4);
                 (v + 4 + u32_at(v).unwrap_or(0) as usize + 1, None)
             }
-            b"g" => (value_at + 1 + *bytes.get(value_at).unwrap_or(&0) as usize + 1, None),
+            b"g" => (
+                value_at + 1 + *bytes.get(value_at).unwrap_or(&0) as usize + 1,
+                None,
+            ),
             _ => return 0,
         };
         if code == 9 {
@@ -305,13 +346,21 @@ impl Outbox {
         }
         let cmsg = [ControlMessage::ScmRights(&fds)];
         let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
-        sendmsg::<()>(fd, &iov, cmsgs, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL, None)
+        sendmsg::<()>(
+            fd,
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
     }
 
     fn advance(&mut self, mut written: usize) {
         self.bytes -= written;
         while written > 0 {
-            let Some(front) = self.queue.front() else { break };
+            let Some(front) = self.queue.front() else {
+                break;
+            };
             let left = front.data().len() - self.offset;
             if written >= left {
                 written -= left;
@@ -330,7 +379,10 @@ mod tests {
     use super::*;
 
     fn limits() -> FrameLimits {
-        FrameLimits { max_message_size: MAX_MESSAGE_SIZE, max_fds: 16 }
+        FrameLimits {
+            max_message_size: MAX_MESSAGE_SIZE,
+            max_fds: 16,
+        }
     }
 
     fn call() -> Message {
@@ -347,8 +399,12 @@ mod tests {
         for cut in 0..bytes.len() {
             let mut reader = FrameReader::default();
             let mut out = Vec::new();
-            reader.take_messages(&bytes[..cut], &limits(), &mut out).unwrap();
-            reader.take_messages(&bytes[cut..], &limits(), &mut out).unwrap();
+            reader
+                .take_messages(&bytes[..cut], &limits(), &mut out)
+                .unwrap();
+            reader
+                .take_messages(&bytes[cut..], &limits(), &mut out)
+                .unwrap();
             assert_eq!(out.len(), 2, "cut at {cut}");
             assert!(reader.partial.is_empty());
         }
@@ -357,12 +413,16 @@ mod tests {
     #[test]
     fn rejects_garbage_and_oversized_messages() {
         let mut reader = FrameReader::default();
-        let err = reader.take_messages(&[b'x'; 32], &limits(), &mut Vec::new()).unwrap_err();
+        let err = reader
+            .take_messages(&[b'x'; 32], &limits(), &mut Vec::new())
+            .unwrap_err();
         assert!(err.to_string().contains("endianness"));
 
         let mut big = call().data().bytes().to_vec();
         big[4..8].copy_from_slice(&(200u32 << 20).to_le_bytes());
-        let err = FrameReader::default().take_messages(&big, &limits(), &mut Vec::new()).unwrap_err();
+        let err = FrameReader::default()
+            .take_messages(&big, &limits(), &mut Vec::new())
+            .unwrap_err();
         assert!(err.to_string().contains("exceeds"), "{err}");
     }
 
@@ -372,7 +432,9 @@ mod tests {
         // The string's length field is the first 4 bytes of the body; make it run past the end.
         let body_start = bytes.len() - 16;
         bytes[body_start..body_start + 4].copy_from_slice(&1000u32.to_le_bytes());
-        let err = FrameReader::default().take_messages(&bytes, &limits(), &mut Vec::new()).unwrap_err();
+        let err = FrameReader::default()
+            .take_messages(&bytes, &limits(), &mut Vec::new())
+            .unwrap_err();
         assert!(err.to_string().contains("bad body"), "{err}");
     }
 
@@ -385,11 +447,19 @@ mod tests {
         let bytes = msg.data().bytes();
         assert_eq!(declared_fds(bytes, Endian::Little), 1);
 
-        let err = FrameReader::default().take_messages(bytes, &limits(), &mut Vec::new()).unwrap_err();
-        assert!(err.to_string().contains("declares 1 file descriptors but 0 arrived"), "{err}");
+        let err = FrameReader::default()
+            .take_messages(bytes, &limits(), &mut Vec::new())
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("declares 1 file descriptors but 0 arrived"),
+            "{err}"
+        );
 
         let mut reader = FrameReader::default();
-        reader.fds.push_back(OwnedFd::from(file.try_clone().unwrap()));
+        reader
+            .fds
+            .push_back(OwnedFd::from(file.try_clone().unwrap()));
         let mut out = Vec::new();
         reader.take_messages(bytes, &limits(), &mut out).unwrap();
         assert_eq!(out[0].data().fds().len(), 1);

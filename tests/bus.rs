@@ -23,7 +23,9 @@ fn call_to(dest: &str, member: &str, serial: NonZeroU32) -> zbus::message::Build
 fn hello_comes_first_then_name_owner_changed_then_name_acquired() {
     let broker = Broker::start();
     let mut watcher = RawClient::connect(&broker.socket);
-    watcher.driver_call("AddMatch", &("type='signal',member='NameOwnerChanged'",)).unwrap();
+    watcher
+        .driver_call("AddMatch", &("type='signal',member='NameOwnerChanged'",))
+        .unwrap();
 
     let mut client = RawClient::connect_unregistered(&broker.socket);
     let serial = client.next_serial();
@@ -43,8 +45,14 @@ fn hello_comes_first_then_name_owner_changed_then_name_acquired() {
 
     let changed = watcher.recv_until(|m| member_of(m) == "NameOwnerChanged");
     let (name, old, new): (String, String, String) = changed.body().deserialize().unwrap();
-    assert_eq!((name.as_str(), old.as_str(), new.as_str()), (unique.as_str(), "", unique.as_str()));
-    assert_eq!(changed.header().sender().unwrap().as_str(), "org.freedesktop.DBus");
+    assert_eq!(
+        (name.as_str(), old.as_str(), new.as_str()),
+        (unique.as_str(), "", unique.as_str())
+    );
+    assert_eq!(
+        changed.header().sender().unwrap().as_str(),
+        "org.freedesktop.DBus"
+    );
 }
 
 #[test]
@@ -53,7 +61,12 @@ fn unique_names_count_up_and_hello_is_answered_once() {
     let mut a = RawClient::connect(&broker.socket);
     let b = RawClient::connect(&broker.socket);
     let n = |s: &str| s.trim_start_matches(":1.").parse::<u64>().unwrap();
-    assert!(n(&b.unique) > n(&a.unique), "{} then {}", a.unique, b.unique);
+    assert!(
+        n(&b.unique) > n(&a.unique),
+        "{} then {}",
+        a.unique,
+        b.unique
+    );
     let again = a.driver_call("Hello", &()).unwrap_err();
     assert_eq!(error_name(&again), "org.freedesktop.DBus.Error.Failed");
 }
@@ -63,12 +76,14 @@ fn a_message_before_hello_disconnects() {
     let broker = Broker::start();
     let mut client = RawClient::connect_unregistered(&broker.socket);
     let serial = client.next_serial();
-    client.send(&Message::method_call("/org/freedesktop/DBus", "ListNames")
-        .interface("org.freedesktop.DBus")
-        .destination("org.freedesktop.DBus")
-        .serial(serial)
-        .build(&())
-        .unwrap());
+    client.send(
+        &Message::method_call("/org/freedesktop/DBus", "ListNames")
+            .interface("org.freedesktop.DBus")
+            .destination("org.freedesktop.DBus")
+            .serial(serial)
+            .build(&())
+            .unwrap(),
+    );
     assert!(client.closed_by_broker());
     broker.wait_for_log("the first message was not Hello");
 }
@@ -80,13 +95,22 @@ fn request_name_queues_and_hands_over() {
     let mut b = RawClient::connect(&broker.socket);
     let name = "org.example.Queue";
     let request = |c: &mut RawClient, flags: u32| -> u32 {
-        c.driver_call("RequestName", &(name, flags)).unwrap().body().deserialize().unwrap()
+        c.driver_call("RequestName", &(name, flags))
+            .unwrap()
+            .body()
+            .deserialize()
+            .unwrap()
     };
     assert_eq!(request(&mut a, 0), 1, "primary owner");
     assert_eq!(request(&mut a, 0), 4, "already owner");
     assert_eq!(request(&mut b, 0x4), 3, "exists with DO_NOT_QUEUE");
     assert_eq!(request(&mut b, 0), 2, "in queue");
-    let owners: Vec<String> = a.driver_call("ListQueuedOwners", &(name,)).unwrap().body().deserialize().unwrap();
+    let owners: Vec<String> = a
+        .driver_call("ListQueuedOwners", &(name,))
+        .unwrap()
+        .body()
+        .deserialize()
+        .unwrap();
     assert_eq!(owners, vec![a.unique.clone(), b.unique.clone()]);
 
     // Replacement needs ALLOW_REPLACEMENT from the owner.
@@ -95,19 +119,48 @@ fn request_name_queues_and_hands_over() {
     assert_eq!(request(&mut b, 0x2), 1, "replaced the owner");
     let lost = a.recv_until(|m| member_of(m) == "NameLost");
     assert_eq!(lost.body().deserialize::<String>().unwrap(), name);
-    let owners: Vec<String> = a.driver_call("ListQueuedOwners", &(name,)).unwrap().body().deserialize().unwrap();
-    assert_eq!(owners, vec![b.unique.clone(), a.unique.clone()], "the replaced owner queues behind");
+    let owners: Vec<String> = a
+        .driver_call("ListQueuedOwners", &(name,))
+        .unwrap()
+        .body()
+        .deserialize()
+        .unwrap();
+    assert_eq!(
+        owners,
+        vec![b.unique.clone(), a.unique.clone()],
+        "the replaced owner queues behind"
+    );
 
     // Releasing hands the name to the next in line.
-    let released: u32 = b.driver_call("ReleaseName", &(name,)).unwrap().body().deserialize().unwrap();
+    let released: u32 = b
+        .driver_call("ReleaseName", &(name,))
+        .unwrap()
+        .body()
+        .deserialize()
+        .unwrap();
     assert_eq!(released, 1);
     let acquired = a.recv_until(|m| member_of(m) == "NameAcquired");
     assert_eq!(acquired.body().deserialize::<String>().unwrap(), name);
-    let owner: String = b.driver_call("GetNameOwner", &(name,)).unwrap().body().deserialize().unwrap();
+    let owner: String = b
+        .driver_call("GetNameOwner", &(name,))
+        .unwrap()
+        .body()
+        .deserialize()
+        .unwrap();
     assert_eq!(owner, a.unique);
-    let not_owner: u32 = b.driver_call("ReleaseName", &(name,)).unwrap().body().deserialize().unwrap();
+    let not_owner: u32 = b
+        .driver_call("ReleaseName", &(name,))
+        .unwrap()
+        .body()
+        .deserialize()
+        .unwrap();
     assert_eq!(not_owner, 3);
-    let missing: u32 = b.driver_call("ReleaseName", &("org.example.Nobody",)).unwrap().body().deserialize().unwrap();
+    let missing: u32 = b
+        .driver_call("ReleaseName", &("org.example.Nobody",))
+        .unwrap()
+        .body()
+        .deserialize()
+        .unwrap();
     assert_eq!(missing, 2);
 }
 
@@ -115,9 +168,19 @@ fn request_name_queues_and_hands_over() {
 fn names_that_cannot_be_owned_are_refused() {
     let broker = Broker::start();
     let mut a = RawClient::connect(&broker.socket);
-    for bad in [":1.99", "org.freedesktop.DBus", "no-dots", "org..example", ""] {
+    for bad in [
+        ":1.99",
+        "org.freedesktop.DBus",
+        "no-dots",
+        "org..example",
+        "",
+    ] {
         let err = a.driver_call("RequestName", &(bad, 0u32)).unwrap_err();
-        assert_eq!(error_name(&err), "org.freedesktop.DBus.Error.InvalidArgs", "{bad}");
+        assert_eq!(
+            error_name(&err),
+            "org.freedesktop.DBus.Error.InvalidArgs",
+            "{bad}"
+        );
     }
 }
 
@@ -126,15 +189,26 @@ fn names_of_a_peer_that_leaves_pass_on() {
     let broker = Broker::start();
     let mut a = RawClient::connect(&broker.socket);
     let mut b = RawClient::connect(&broker.socket);
-    a.driver_call("RequestName", &("org.example.Pass", 0u32)).unwrap();
-    b.driver_call("RequestName", &("org.example.Pass", 0u32)).unwrap();
-    b.driver_call("AddMatch", &("member='NameOwnerChanged'",)).unwrap();
+    a.driver_call("RequestName", &("org.example.Pass", 0u32))
+        .unwrap();
+    b.driver_call("RequestName", &("org.example.Pass", 0u32))
+        .unwrap();
+    b.driver_call("AddMatch", &("member='NameOwnerChanged'",))
+        .unwrap();
     let a_unique = a.unique.clone();
     drop(a);
     let acquired = b.recv_until(|m| member_of(m) == "NameAcquired");
-    assert_eq!(acquired.body().deserialize::<String>().unwrap(), "org.example.Pass");
+    assert_eq!(
+        acquired.body().deserialize::<String>().unwrap(),
+        "org.example.Pass"
+    );
     let gone = b.recv_until(|m| {
-        member_of(m) == "NameOwnerChanged" && m.body().deserialize::<(String, String, String)>().unwrap().0 == a_unique
+        member_of(m) == "NameOwnerChanged"
+            && m.body()
+                .deserialize::<(String, String, String)>()
+                .unwrap()
+                .0
+                == a_unique
     });
     let (_, old, new): (String, String, String) = gone.body().deserialize().unwrap();
     assert_eq!((old.as_str(), new.as_str()), (a_unique.as_str(), ""));
@@ -145,14 +219,29 @@ fn unknown_destinations_get_an_error_at_once() {
     let broker = Broker::start();
     let mut a = RawClient::connect(&broker.socket);
     let serial = a.next_serial();
-    a.send(&call_to("org.example.Missing", "Do", serial).build(&()).unwrap());
+    a.send(
+        &call_to("org.example.Missing", "Do", serial)
+            .build(&())
+            .unwrap(),
+    );
     let err = a.reply_to(serial).unwrap_err();
-    assert_eq!(error_name(&err), "org.freedesktop.DBus.Error.ServiceUnknown");
+    assert_eq!(
+        error_name(&err),
+        "org.freedesktop.DBus.Error.ServiceUnknown"
+    );
 
     let serial = a.next_serial();
-    a.send(&call_to("org.example.Missing", "Do", serial).with_flags(Flags::NO_AUTO_START).build(&()).unwrap());
+    a.send(
+        &call_to("org.example.Missing", "Do", serial)
+            .with_flags(Flags::NO_AUTO_START)
+            .build(&())
+            .unwrap(),
+    );
     let err = a.reply_to(serial).unwrap_err();
-    assert_eq!(error_name(&err), "org.freedesktop.DBus.Error.NameHasNoOwner");
+    assert_eq!(
+        error_name(&err),
+        "org.freedesktop.DBus.Error.NameHasNoOwner"
+    );
 
     let serial = a.next_serial();
     a.send(&call_to(":1.9999", "Do", serial).build(&()).unwrap());
@@ -175,7 +264,11 @@ fn the_bus_stamps_the_sender_over_a_forged_one() {
     let got = b.recv_until(|m| member_of(m) == "Forged");
     assert_eq!(got.header().sender().unwrap().as_str(), a.unique);
     assert_eq!(got.body().deserialize::<String>().unwrap(), "payload");
-    assert_eq!(got.primary_header().serial_num(), serial, "the serial is kept");
+    assert_eq!(
+        got.primary_header().serial_num(),
+        serial,
+        "the serial is kept"
+    );
 }
 
 #[test]
@@ -183,40 +276,60 @@ fn calls_and_replies_route_and_unsolicited_replies_are_dropped() {
     let broker = Broker::start();
     let mut caller = RawClient::connect(&broker.socket);
     let mut callee = RawClient::connect(&broker.socket);
-    callee.driver_call("RequestName", &("org.example.Callee", 0u32)).unwrap();
+    callee
+        .driver_call("RequestName", &("org.example.Callee", 0u32))
+        .unwrap();
 
     // A reply nobody asked for never arrives.
-    let bogus = Message::method_return(&call_to(&caller.unique, "X", NonZeroU32::new(77).unwrap())
-        .sender(caller.unique.clone())
-        .build(&())
-        .unwrap()
-        .header())
-        .destination(caller.unique.clone())
-        .build(&("bogus",))
-        .unwrap();
+    let bogus = Message::method_return(
+        &call_to(&caller.unique, "X", NonZeroU32::new(77).unwrap())
+            .sender(caller.unique.clone())
+            .build(&())
+            .unwrap()
+            .header(),
+    )
+    .destination(caller.unique.clone())
+    .build(&("bogus",))
+    .unwrap();
     callee.send(&bogus);
 
     let serial = caller.next_serial();
-    caller.send(&call_to("org.example.Callee", "Echo", serial).build(&("hi",)).unwrap());
+    caller.send(
+        &call_to("org.example.Callee", "Echo", serial)
+            .build(&("hi",))
+            .unwrap(),
+    );
     let call = callee.recv_until(|m| member_of(m) == "Echo");
     assert_eq!(call.header().sender().unwrap().as_str(), caller.unique);
-    let reply = Message::method_return(&call.header()).build(&("hi back",)).unwrap();
+    let reply = Message::method_return(&call.header())
+        .build(&("hi back",))
+        .unwrap();
     callee.send(&reply);
     // A second reply to the same call is not expected any more.
     callee.send(&reply);
     let first = caller.recv();
-    assert_eq!(first.header().reply_serial(), Some(serial), "the bogus reply was not delivered first");
+    assert_eq!(
+        first.header().reply_serial(),
+        Some(serial),
+        "the bogus reply was not delivered first"
+    );
     assert_eq!(first.body().deserialize::<String>().unwrap(), "hi back");
 
     let ping_serial = caller.next_serial();
-    caller.send(&Message::method_call("/org/freedesktop/DBus", "Ping")
-        .interface("org.freedesktop.DBus.Peer")
-        .destination("org.freedesktop.DBus")
-        .serial(ping_serial)
-        .build(&())
-        .unwrap());
+    caller.send(
+        &Message::method_call("/org/freedesktop/DBus", "Ping")
+            .interface("org.freedesktop.DBus.Peer")
+            .destination("org.freedesktop.DBus")
+            .serial(ping_serial)
+            .build(&())
+            .unwrap(),
+    );
     let next = caller.recv();
-    assert_eq!(next.header().reply_serial(), Some(ping_serial), "the duplicate reply was dropped");
+    assert_eq!(
+        next.header().reply_serial(),
+        Some(ping_serial),
+        "the duplicate reply was dropped"
+    );
 }
 
 #[test]
@@ -245,7 +358,13 @@ fn messages_from_one_sender_arrive_in_order() {
     let mut b = RawClient::connect(&broker.socket);
     for i in 0..500u32 {
         let s = a.next_serial();
-        a.send(&Message::signal("/o", "org.example.Test", "Seq").destination(b.unique.clone()).serial(s).build(&(i,)).unwrap());
+        a.send(
+            &Message::signal("/o", "org.example.Test", "Seq")
+                .destination(b.unique.clone())
+                .serial(s)
+                .build(&(i,))
+                .unwrap(),
+        );
     }
     for i in 0..500u32 {
         let m = b.recv_until(|m| member_of(m) == "Seq");
@@ -259,20 +378,57 @@ fn broadcast_signals_reach_only_matching_rules() {
     let mut emitter = RawClient::connect(&broker.socket);
     let mut yes = RawClient::connect(&broker.socket);
     let mut no = RawClient::connect(&broker.socket);
-    yes.driver_call("AddMatch", &("type='signal',interface='org.example.Test',member='Tick'",)).unwrap();
-    no.driver_call("AddMatch", &("type='signal',member='Tock'",)).unwrap();
+    yes.driver_call(
+        "AddMatch",
+        &("type='signal',interface='org.example.Test',member='Tick'",),
+    )
+    .unwrap();
+    no.driver_call("AddMatch", &("type='signal',member='Tock'",))
+        .unwrap();
     let s = emitter.next_serial();
-    emitter.send(&Message::signal("/o", "org.example.Test", "Tick").serial(s).build(&()).unwrap());
+    emitter.send(
+        &Message::signal("/o", "org.example.Test", "Tick")
+            .serial(s)
+            .build(&())
+            .unwrap(),
+    );
     let s = emitter.next_serial();
-    emitter.send(&Message::signal("/o", "org.example.Test", "Tock").serial(s).build(&()).unwrap());
-    assert_eq!(member_of(&yes.recv_until(|m| m.message_type() == Type::Signal && member_of(m) != "NameAcquired")), "Tick");
-    assert_eq!(member_of(&no.recv_until(|m| m.message_type() == Type::Signal && member_of(m) != "NameAcquired")), "Tock");
+    emitter.send(
+        &Message::signal("/o", "org.example.Test", "Tock")
+            .serial(s)
+            .build(&())
+            .unwrap(),
+    );
+    assert_eq!(
+        member_of(
+            &yes.recv_until(|m| m.message_type() == Type::Signal && member_of(m) != "NameAcquired")
+        ),
+        "Tick"
+    );
+    assert_eq!(
+        member_of(
+            &no.recv_until(|m| m.message_type() == Type::Signal && member_of(m) != "NameAcquired")
+        ),
+        "Tock"
+    );
 
     let err = yes.driver_call("AddMatch", &("type='bogus'",)).unwrap_err();
-    assert_eq!(error_name(&err), "org.freedesktop.DBus.Error.MatchRuleInvalid");
-    let err = yes.driver_call("RemoveMatch", &("member='Never'",)).unwrap_err();
-    assert_eq!(error_name(&err), "org.freedesktop.DBus.Error.MatchRuleNotFound");
-    yes.driver_call("RemoveMatch", &("type='signal',interface='org.example.Test',member='Tick'",)).unwrap();
+    assert_eq!(
+        error_name(&err),
+        "org.freedesktop.DBus.Error.MatchRuleInvalid"
+    );
+    let err = yes
+        .driver_call("RemoveMatch", &("member='Never'",))
+        .unwrap_err();
+    assert_eq!(
+        error_name(&err),
+        "org.freedesktop.DBus.Error.MatchRuleNotFound"
+    );
+    yes.driver_call(
+        "RemoveMatch",
+        &("type='signal',interface='org.example.Test',member='Tick'",),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -290,21 +446,45 @@ fn file_descriptors_pass_to_peers_that_take_them() {
         .unwrap();
     let fds = [file.as_raw_fd()];
     let iov = [std::io::IoSlice::new(msg.data().bytes())];
-    sendmsg::<()>(a.stream.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None).unwrap();
+    sendmsg::<()>(
+        a.stream.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
     let got = b.recv_until(|m| member_of(m) == "Fd");
     assert_eq!(got.header().unix_fds(), Some(1));
     let received = &got.data().fds()[0];
-    let same = |fd: std::os::fd::BorrowedFd<'_>| nix::sys::stat::fstat(fd).map(|st| (st.st_dev, st.st_ino)).unwrap();
+    let same = |fd: std::os::fd::BorrowedFd<'_>| {
+        nix::sys::stat::fstat(fd)
+            .map(|st| (st.st_dev, st.st_ino))
+            .unwrap()
+    };
     use std::os::fd::AsFd;
-    assert_eq!(same(received.as_fd()), same(file.as_fd()), "the same open file arrived");
+    assert_eq!(
+        same(received.as_fd()),
+        same(file.as_fd()),
+        "the same open file arrived"
+    );
 
     // A peer that did not negotiate fds: the sender gets an error.
     let plain = RawClient::register(RawClient::authenticate(&broker.socket, false));
     let unique = plain.unique.clone();
     let serial = a.next_serial();
-    let call = call_to(&unique, "TakeFd", serial).build(&(zbus::Fd::from(&file),)).unwrap();
+    let call = call_to(&unique, "TakeFd", serial)
+        .build(&(zbus::Fd::from(&file),))
+        .unwrap();
     let iov = [std::io::IoSlice::new(call.data().bytes())];
-    sendmsg::<()>(a.stream.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None).unwrap();
+    sendmsg::<()>(
+        a.stream.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
     let err = a.reply_to(serial).unwrap_err();
     assert_eq!(error_name(&err), "org.freedesktop.DBus.Error.NotSupported");
 }
@@ -320,18 +500,30 @@ fn a_receiver_that_never_reads_costs_only_itself() {
     // 64 MiB fills the stuck receiver's queue; the socket buffers take a little more.
     for _ in 0..100 {
         let serial = sender.next_serial();
-        sender.send(&call_to(&stuck.unique, "Take", serial).with_flags(Flags::NO_REPLY_EXPECTED).build(&(payload.as_slice(),)).unwrap());
+        sender.send(
+            &call_to(&stuck.unique, "Take", serial)
+                .with_flags(Flags::NO_REPLY_EXPECTED)
+                .build(&(payload.as_slice(),))
+                .unwrap(),
+        );
         // The bystander is served promptly all along.
         let started = Instant::now();
         bystander.driver_call("GetId", &()).unwrap();
         assert!(started.elapsed() < Duration::from_secs(5));
     }
     let serial = sender.next_serial();
-    sender.send(&call_to(&stuck.unique, "Take", serial).build(&(payload.as_slice(),)).unwrap());
+    sender.send(
+        &call_to(&stuck.unique, "Take", serial)
+            .build(&(payload.as_slice(),))
+            .unwrap(),
+    );
     if let Err(err) = sender.reply_to(serial) {
         refused = Some(error_name(&err));
     }
-    assert_eq!(refused.as_deref(), Some("org.freedesktop.DBus.Error.LimitsExceeded"));
+    assert_eq!(
+        refused.as_deref(),
+        Some("org.freedesktop.DBus.Error.LimitsExceeded")
+    );
     broker.wait_for_log("outgoing queue full");
 }
 
@@ -340,7 +532,11 @@ fn garbage_after_the_handshake_disconnects_only_its_sender() {
     let broker = Broker::start();
     let mut good = RawClient::connect(&broker.socket);
     let mut bad = RawClient::connect(&broker.socket);
-    bad.stream.write_all(&[b'l', 1, 0, 1, 0xff, 0xff, 0xff, 0x7f, 1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+    bad.stream
+        .write_all(&[
+            b'l', 1, 0, 1, 0xff, 0xff, 0xff, 0x7f, 1, 0, 0, 0, 0, 0, 0, 0,
+        ])
+        .unwrap();
     assert!(bad.closed_by_broker());
     let log = broker.wait_for_log("invalid message");
     assert!(log.contains(&bad.unique), "the log names the peer:\n{log}");
@@ -349,7 +545,12 @@ fn garbage_after_the_handshake_disconnects_only_its_sender() {
     // A header that lies about its body is caught by validation.
     let mut liar = RawClient::connect(&broker.socket);
     let serial = liar.next_serial();
-    let mut bytes = call_to(&good.unique, "Lie", serial).build(&("text",)).unwrap().data().bytes().to_vec();
+    let mut bytes = call_to(&good.unique, "Lie", serial)
+        .build(&("text",))
+        .unwrap()
+        .data()
+        .bytes()
+        .to_vec();
     let len = bytes.len();
     bytes[len - 8..len - 4].copy_from_slice(&100u32.to_le_bytes());
     liar.stream.write_all(&bytes).unwrap();
@@ -361,21 +562,32 @@ fn garbage_after_the_handshake_disconnects_only_its_sender() {
 fn garbage_during_the_handshake_is_refused_and_harmless() {
     use std::io::Read;
     let broker = Broker::start();
-    for garbage in [&b"\0HELLO THERE\r\n"[..], b"\0AUTH EXTERNAL zz\r\n", b"no nul byte\r\n", &[0xffu8; 64][..]] {
+    for garbage in [
+        &b"\0HELLO THERE\r\n"[..],
+        b"\0AUTH EXTERNAL zz\r\n",
+        b"no nul byte\r\n",
+        &[0xffu8; 64][..],
+    ] {
         let mut s = std::os::unix::net::UnixStream::connect(&broker.socket).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         s.write_all(garbage).unwrap();
         let mut reply = [0u8; 256];
         let n = s.read(&mut reply).unwrap_or(0);
         let text = String::from_utf8_lossy(&reply[..n]);
-        assert!(n == 0 || text.starts_with("ERROR") || text.starts_with("REJECTED"), "{garbage:?} got {text:?}");
+        assert!(
+            n == 0 || text.starts_with("ERROR") || text.starts_with("REJECTED"),
+            "{garbage:?} got {text:?}"
+        );
     }
     // An over-long line is cut off.
     let mut s = std::os::unix::net::UnixStream::connect(&broker.socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = s.write_all(&[b'A'; 100_000]);
     let mut buf = [0u8; 64];
-    assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)), "the bus kept an over-long line");
+    assert!(
+        matches!(s.read(&mut buf), Ok(0) | Err(_)),
+        "the bus kept an over-long line"
+    );
     let mut client = RawClient::connect(&broker.socket);
     client.driver_call("GetId", &()).unwrap();
 }

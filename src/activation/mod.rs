@@ -18,8 +18,14 @@ use files::ServiceFile;
 
 /// Variables of the broker's own environment that describe the broker's own service manager
 /// context and must not leak into the services it starts.
-const DROPPED_VARIABLES: &[&str] =
-    &["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID"];
+const DROPPED_VARIABLES: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "JOURNAL_STREAM",
+    "INVOCATION_ID",
+];
 
 /// How starts are timed and limited.
 #[derive(Debug, Clone)]
@@ -33,7 +39,11 @@ pub struct StartPolicy {
 
 impl Default for StartPolicy {
     fn default() -> Self {
-        StartPolicy { timeout: Duration::from_secs(25), limit_burst: 5, limit_interval: Duration::from_secs(10) }
+        StartPolicy {
+            timeout: Duration::from_secs(25),
+            limit_burst: 5,
+            limit_interval: Duration::from_secs(10),
+        }
     }
 }
 
@@ -89,14 +99,19 @@ impl StartFailure {
     pub fn daemon_died(name: &str) -> StartFailure {
         StartFailure {
             error: "org.freedesktop.DBus.Error.Spawn.ChildExited",
-            text: format!("Process {name} exited with status 0, and no process it left behind took the name"),
+            text: format!(
+                "Process {name} exited with status 0, and no process it left behind took the name"
+            ),
         }
     }
 
     pub fn timed_out(name: &str, after: Duration) -> StartFailure {
         StartFailure {
             error: "org.freedesktop.DBus.Error.TimedOut",
-            text: format!("Activation of {name} timed out after {} ms", after.as_millis()),
+            text: format!(
+                "Activation of {name} timed out after {} ms",
+                after.as_millis()
+            ),
         }
     }
 
@@ -129,7 +144,12 @@ pub struct Activation {
 
 impl Activation {
     /// Activation over `dirs`, starting services through `supervisor` (none: nothing can start).
-    pub fn new(dirs: Vec<PathBuf>, policy: StartPolicy, supervisor: Option<Supervisor>, starter_address: String) -> Activation {
+    pub fn new(
+        dirs: Vec<PathBuf>,
+        policy: StartPolicy,
+        supervisor: Option<Supervisor>,
+        starter_address: String,
+    ) -> Activation {
         let mut activation = Activation {
             dirs,
             services: BTreeMap::new(),
@@ -183,7 +203,10 @@ impl Activation {
             });
         };
         if self.over_start_limit(name) {
-            warn!(service = name, "start refused: it failed too often recently");
+            warn!(
+                service = name,
+                "start refused: it failed too often recently"
+            );
             return Err(StartFailure::start_limit(name, &self.policy));
         }
         let Some(supervisor) = &self.supervisor else {
@@ -207,8 +230,18 @@ impl Activation {
         };
         let generation = self.next_generation;
         self.next_generation += 1;
-        let pending = Pending { service, pid, generation, daemonized: false, waiters: Vec::new() };
-        Ok(self.pending.entry(name.to_owned()).insert_entry(pending).into_mut())
+        let pending = Pending {
+            service,
+            pid,
+            generation,
+            daemonized: false,
+            waiters: Vec::new(),
+        };
+        Ok(self
+            .pending
+            .entry(name.to_owned())
+            .insert_entry(pending)
+            .into_mut())
     }
 
     /// How long a start of this pending service may take.
@@ -218,13 +251,21 @@ impl Activation {
 
     /// Records a failed start, for the start-limit guard.
     pub fn note_failure(&mut self, name: &str) {
-        self.failures.entry(name.to_owned()).or_default().push_back(Instant::now());
+        self.failures
+            .entry(name.to_owned())
+            .or_default()
+            .push_back(Instant::now());
     }
 
     fn over_start_limit(&mut self, name: &str) -> bool {
-        let Some(times) = self.failures.get_mut(name) else { return false };
+        let Some(times) = self.failures.get_mut(name) else {
+            return false;
+        };
         let now = Instant::now();
-        while times.front().is_some_and(|t| now.duration_since(*t) > self.policy.limit_interval) {
+        while times
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.policy.limit_interval)
+        {
             times.pop_front();
         }
         times.len() >= self.policy.limit_burst
@@ -236,11 +277,20 @@ impl Activation {
         let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
             .filter(|(k, _)| !DROPPED_VARIABLES.iter().any(|d| k == d))
             .collect();
-        let added = self.env_updates.iter().chain(service.environment.iter().map(|(k, v)| (k, v)));
+        let added = self
+            .env_updates
+            .iter()
+            .chain(service.environment.iter().map(|(k, v)| (k, v)));
         env.extend(added.map(|(k, v)| (k.into(), v.into())));
-        env.insert("DBUS_STARTER_ADDRESS".into(), self.starter_address.clone().into());
+        env.insert(
+            "DBUS_STARTER_ADDRESS".into(),
+            self.starter_address.clone().into(),
+        );
         env.insert("DBUS_STARTER_BUS_TYPE".into(), "session".into());
-        env.insert("DBUS_SESSION_BUS_ADDRESS".into(), self.starter_address.clone().into());
+        env.insert(
+            "DBUS_SESSION_BUS_ADDRESS".into(),
+            self.starter_address.clone().into(),
+        );
         env.into_iter().collect()
     }
 }

@@ -22,7 +22,9 @@ pub async fn watch_dirs(dirs: Vec<PathBuf>, events: UnboundedSender<CoreEvent>) 
     let inotify = match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
         Ok(inotify) => inotify,
         Err(e) => {
-            warn!("cannot watch activation directories (inotify: {e}); reload with SIGHUP or ReloadConfig");
+            warn!(
+                "cannot watch activation directories (inotify: {e}); reload with SIGHUP or ReloadConfig"
+            );
             return;
         }
     };
@@ -53,7 +55,10 @@ pub async fn watch_dirs(dirs: Vec<PathBuf>, events: UnboundedSender<CoreEvent>) 
         tokio::time::sleep(SETTLE).await;
         // What came in while settling belongs to the same change.
         let _ = inotify.read_events();
-        if events.send(CoreEvent::Reload("an activation directory changed")).is_err() {
+        if events
+            .send(CoreEvent::Reload("an activation directory changed"))
+            .is_err()
+        {
             return;
         }
     }

@@ -37,7 +37,10 @@ impl Bus {
             Ok(pending) => {
                 pending.waiters.push(waiter);
                 let (generation, pid) = (pending.generation, pending.pid);
-                let timeout = pending.service.start_timeout.unwrap_or(self.activation.policy.timeout);
+                let timeout = pending
+                    .service
+                    .start_timeout
+                    .unwrap_or(self.activation.policy.timeout);
                 info!(service = name, pid, "activating");
                 self.arm_start_timer(name, generation, timeout);
             }
@@ -57,7 +60,9 @@ impl Bus {
 
     /// A name got a new primary owner: if a start was waiting for it, it is complete.
     pub(super) fn name_owned(&mut self, name: &str, owner: PeerId) {
-        let Some(pending) = self.activation.pending.remove(name) else { return };
+        let Some(pending) = self.activation.pending.remove(name) else {
+            return;
+        };
         info!(service = name, owner = %self.unique_name(owner).unwrap_or("?"), "service took its name");
         self.watch_owner(owner);
         for waiter in pending.waiters {
@@ -83,13 +88,17 @@ impl Bus {
     /// Watches the process behind a service's connection, so that its death ends the connection
     /// even while another process holds the socket open.
     fn watch_owner(&mut self, peer: PeerId) {
-        let Some(p) = self.peers.get_mut(&peer) else { return };
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
         if p.service_owner {
             return;
         }
         p.service_owner = true;
         // Without a pidfd (kernels before 6.5), the reaper's report of the exit does the same.
-        let Some(pidfd) = supervisor::peer_pidfd(p.conn.stream.as_fd()) else { return };
+        let Some(pidfd) = supervisor::peer_pidfd(p.conn.stream.as_fd()) else {
+            return;
+        };
         let events = self.events.clone();
         tokio::task::spawn_local(watch_pidfd(pidfd, peer, events));
     }
@@ -98,7 +107,9 @@ impl Bus {
     pub fn handle_event(&mut self, event: CoreEvent) {
         match event {
             CoreEvent::Exited(exit) => self.process_exited(exit),
-            CoreEvent::StartTimedOut { name, generation } => self.start_timed_out(&name, generation),
+            CoreEvent::StartTimedOut { name, generation } => {
+                self.start_timed_out(&name, generation)
+            }
             CoreEvent::OwnerExited { peer } => self.owner_exited(peer),
             CoreEvent::Reload(why) => {
                 info!("reloading activation files: {why}");
@@ -119,7 +130,12 @@ impl Bus {
     }
 
     fn process_exited(&mut self, exit: ProcessEvent) {
-        let started = self.activation.pending.iter().find(|(_, p)| p.pid == exit.pid).map(|(n, _)| n.clone());
+        let started = self
+            .activation
+            .pending
+            .iter()
+            .find(|(_, p)| p.pid == exit.pid)
+            .map(|(n, _)| n.clone());
         if let Some(name) = started {
             match exit.status {
                 // It may have daemonized; its daemon still has time to take the name.
@@ -131,7 +147,11 @@ impl Bus {
                 status => self.fail_start(&name, StartFailure::exited(&name, status)),
             }
         }
-        let owner = self.peers.iter().find(|(_, p)| p.service_owner && p.creds.pid == exit.pid).map(|(&id, _)| id);
+        let owner = self
+            .peers
+            .iter()
+            .find(|(_, p)| p.service_owner && p.creds.pid == exit.pid)
+            .map(|(&id, _)| id);
         if let Some(peer) = owner {
             self.owner_exited(peer);
         }
@@ -142,8 +162,13 @@ impl Bus {
     /// are all descendants of the broker (it is their subreaper), so whatever is left of them
     /// shows up among the broker's direct children.
     fn check_daemonized_starts(&mut self) {
-        let daemonized: Vec<String> =
-            self.activation.pending.iter().filter(|(_, p)| p.daemonized).map(|(n, _)| n.clone()).collect();
+        let daemonized: Vec<String> = self
+            .activation
+            .pending
+            .iter()
+            .filter(|(_, p)| p.daemonized)
+            .map(|(n, _)| n.clone())
+            .collect();
         if daemonized.is_empty() {
             return;
         }
@@ -155,8 +180,14 @@ impl Bus {
             }
         };
         let accounted_for = |pid: &u32| {
-            self.activation.pending.values().any(|p| !p.daemonized && p.pid == *pid)
-                || self.peers.values().any(|p| p.service_owner && p.creds.pid == *pid)
+            self.activation
+                .pending
+                .values()
+                .any(|p| !p.daemonized && p.pid == *pid)
+                || self
+                    .peers
+                    .values()
+                    .any(|p| p.service_owner && p.creds.pid == *pid)
         };
         if children.iter().any(|pid| !accounted_for(pid)) {
             return;
@@ -167,7 +198,12 @@ impl Bus {
     }
 
     fn start_timed_out(&mut self, name: &str, generation: u64) {
-        let Some(pending) = self.activation.pending.get(name).filter(|p| p.generation == generation) else {
+        let Some(pending) = self
+            .activation
+            .pending
+            .get(name)
+            .filter(|p| p.generation == generation)
+        else {
             return;
         };
         let timeout = self.activation.timeout_of(pending);
@@ -178,7 +214,9 @@ impl Bus {
     }
 
     fn fail_start(&mut self, name: &str, failure: StartFailure) {
-        let Some(pending) = self.activation.pending.remove(name) else { return };
+        let Some(pending) = self.activation.pending.remove(name) else {
+            return;
+        };
         warn!(service = name, "start failed: {}", failure.text);
         self.activation.note_failure(name);
         self.fail_waiters(pending.waiters, &failure);
@@ -197,13 +235,19 @@ impl Bus {
     }
 
     fn owner_exited(&mut self, peer: PeerId) {
-        let Some(p) = self.peers.get(&peer) else { return };
+        let Some(p) = self.peers.get(&peer) else {
+            return;
+        };
         info!(peer = %p.unique, pid = p.creds.pid, "the process that owned this connection's names exited; dropping the connection");
         self.disconnect(peer);
     }
 }
 
-async fn watch_pidfd(pidfd: OwnedFd, peer: PeerId, events: tokio::sync::mpsc::UnboundedSender<CoreEvent>) {
+async fn watch_pidfd(
+    pidfd: OwnedFd,
+    peer: PeerId,
+    events: tokio::sync::mpsc::UnboundedSender<CoreEvent>,
+) {
     match supervisor::wait_exit(&pidfd).await {
         Ok(()) => {
             let _ = events.send(CoreEvent::OwnerExited { peer });

@@ -6,7 +6,7 @@ pub mod activation;
 pub mod names;
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
@@ -19,9 +19,9 @@ use zbus::message::{Flags, Type};
 use zbus::names::UniqueName;
 
 use crate::activation::{Activation, Waiter};
-use crate::match_rule::{MatchContext, MatchRule};
-use activation::CoreEvent;
+use crate::match_rule::{Fields, MatchContext, MatchRule};
 use crate::wire::Outbox;
+use activation::CoreEvent;
 use names::{NameEvent, NameRegistry};
 
 /// A connection's number: its unique name is `:1.<id>`.
@@ -56,7 +56,9 @@ impl Conn {
     pub fn flush(&self) {
         let fd = self.stream.as_raw_fd();
         // Through `try_io`, so that a full socket clears tokio's write readiness.
-        let result = self.stream.try_io(Interest::WRITABLE, || self.outbox.borrow_mut().flush(fd));
+        let result = self
+            .stream
+            .try_io(Interest::WRITABLE, || self.outbox.borrow_mut().flush(fd));
         match result {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.wake.notify_one(),
@@ -130,6 +132,10 @@ pub struct Bus {
     next_id: PeerId,
     /// Connections with messages queued since their last flush.
     dirty: Vec<Rc<Conn>>,
+    /// Peers with match rules: the candidates for broadcasts.
+    subscribers: HashSet<PeerId>,
+    /// Monitors and peers with eavesdropping rules: they see messages addressed to others.
+    watchers: HashSet<PeerId>,
     pub activation: Activation,
     /// Where timers and watchers report back to the core.
     events: tokio::sync::mpsc::UnboundedSender<CoreEvent>,
@@ -156,6 +162,8 @@ impl Bus {
             names: NameRegistry::default(),
             next_id: 1,
             dirty: Vec::new(),
+            subscribers: HashSet::new(),
+            watchers: HashSet::new(),
             activation,
             events,
         }
@@ -185,8 +193,15 @@ impl Bus {
 
     /// The registered peer that `name` (unique or well-known) stands for.
     pub fn resolve(&self, name: &str) -> Option<PeerId> {
-        let id = if name.starts_with(':') { peer_id_of(name)? } else { self.names.owner(name)? };
-        self.peers.get(&id).filter(|p| p.registered && !p.monitor).map(|_| id)
+        let id = if name.starts_with(':') {
+            peer_id_of(name)?
+        } else {
+            self.names.owner(name)?
+        };
+        self.peers
+            .get(&id)
+            .filter(|p| p.registered && !p.monitor)
+            .map(|_| id)
     }
 
     pub fn unique_name(&self, id: PeerId) -> Option<&str> {
@@ -195,7 +210,9 @@ impl Bus {
 
     /// Handles one message a peer sent.
     pub fn dispatch(&mut self, from: PeerId, msg: Message) {
-        let Some(peer) = self.peers.get(&from) else { return };
+        let Some(peer) = self.peers.get(&from) else {
+            return;
+        };
         if peer.monitor {
             warn!(peer = %peer.unique, "disconnecting monitor: monitors may not send messages");
             self.disconnect(from);
@@ -219,7 +236,7 @@ impl Bus {
         drop(header);
         match destination.as_deref() {
             Some(DRIVER) => {
-                self.to_monitors_and_eavesdroppers(&msg, None);
+                self.copy_to_watchers(&msg, None);
                 self.driver_call(from, &msg);
             }
             Some(dest) => self.unicast(from, msg, dest),
@@ -232,7 +249,7 @@ impl Bus {
     fn unicast(&mut self, from: PeerId, msg: Message, dest: &str) {
         let msg_type = msg.message_type();
         let Some(to) = self.resolve(dest) else {
-            self.to_monitors_and_eavesdroppers(&msg, None);
+            self.copy_to_watchers(&msg, None);
             let auto_start = !msg.primary_header().flags().contains(Flags::NO_AUTO_START);
             if auto_start && !dest.starts_with(':') && self.activation.is_activatable(dest) {
                 self.activate(dest, Waiter::Deliver { from, msg });
@@ -241,7 +258,9 @@ impl Bus {
             }
             return;
         };
-        if matches!(msg_type, Type::MethodReturn | Type::Error) && !self.take_expected_reply(from, to, &msg) {
+        if matches!(msg_type, Type::MethodReturn | Type::Error)
+            && !self.take_expected_reply(from, to, &msg)
+        {
             debug!(from, to, "dropping a reply that answers no pending call");
             return;
         }
@@ -254,16 +273,22 @@ impl Bus {
             );
             return;
         }
-        if msg_type == Type::MethodCall && expects_reply(&msg) && !self.note_pending_call(from, to, &msg) {
+        if msg_type == Type::MethodCall
+            && expects_reply(&msg)
+            && !self.note_pending_call(from, to, &msg)
+        {
             return;
         }
-        self.to_monitors_and_eavesdroppers(&msg, Some(to));
+        self.copy_to_watchers(&msg, Some(to));
         self.deliver_or_handle_full(from, to, &msg);
     }
 
     fn reply_unknown_destination(&mut self, from: PeerId, msg: &Message, dest: &str) {
         let (name, text) = if msg.primary_header().flags().contains(Flags::NO_AUTO_START) {
-            ("org.freedesktop.DBus.Error.NameHasNoOwner", format!("Name \"{dest}\" does not exist"))
+            (
+                "org.freedesktop.DBus.Error.NameHasNoOwner",
+                format!("Name \"{dest}\" does not exist"),
+            )
         } else {
             (
                 "org.freedesktop.DBus.Error.ServiceUnknown",
@@ -276,7 +301,9 @@ impl Bus {
     /// Records a call that waits for a reply, within the per-connection limit.
     fn note_pending_call(&mut self, from: PeerId, to: PeerId, msg: &Message) -> bool {
         let serial = msg.primary_header().serial_num().get();
-        let Some(caller) = self.peers.get_mut(&from) else { return false };
+        let Some(caller) = self.peers.get_mut(&from) else {
+            return false;
+        };
         if caller.awaiting.len() >= self.limits.max_replies_per_connection {
             let text = "The maximum number of pending replies per connection has been reached";
             self.reply_error(from, msg, "org.freedesktop.DBus.Error.LimitsExceeded", text);
@@ -292,9 +319,13 @@ impl Bus {
     /// Whether `msg` (from `from` to `to`) answers a call `to` made to `from`; if so, the call is
     /// no longer pending.
     fn take_expected_reply(&mut self, from: PeerId, to: PeerId, msg: &Message) -> bool {
-        let Some(serial) = msg.header().reply_serial() else { return false };
+        let Some(serial) = msg.header().reply_serial() else {
+            return false;
+        };
         let serial = serial.get();
-        let Some(caller) = self.peers.get_mut(&to) else { return false };
+        let Some(caller) = self.peers.get_mut(&to) else {
+            return false;
+        };
         if caller.awaiting.get(&serial) != Some(&from) {
             return false;
         }
@@ -311,14 +342,24 @@ impl Bus {
         if self.deliver(to, msg) {
             return;
         }
-        let Some(receiver) = self.peers.get(&to).map(|p| p.unique.clone()) else { return };
+        let Some(receiver) = self.peers.get(&to).map(|p| p.unique.clone()) else {
+            return;
+        };
         if msg.message_type() == Type::MethodCall {
             warn!(%receiver, "outgoing queue full: refusing a call to it");
             if let Some(caller) = self.peers.get_mut(&from) {
-                caller.awaiting.remove(&msg.primary_header().serial_num().get());
+                caller
+                    .awaiting
+                    .remove(&msg.primary_header().serial_num().get());
             }
-            let text = format!("The outgoing queue of {receiver} is full: it does not read its messages");
-            self.reply_error(from, msg, "org.freedesktop.DBus.Error.LimitsExceeded", &text);
+            let text =
+                format!("The outgoing queue of {receiver} is full: it does not read its messages");
+            self.reply_error(
+                from,
+                msg,
+                "org.freedesktop.DBus.Error.LimitsExceeded",
+                &text,
+            );
         } else {
             warn!(%receiver, "disconnecting: its outgoing queue is full and it does not read");
             self.disconnect(to);
@@ -327,7 +368,9 @@ impl Bus {
 
     /// Queues a message for a peer. Returns false when its queue is full.
     pub fn deliver(&mut self, to: PeerId, msg: &Message) -> bool {
-        let Some(peer) = self.peers.get(&to) else { return true };
+        let Some(peer) = self.peers.get(&to) else {
+            return true;
+        };
         let conn = &peer.conn;
         let mut outbox = conn.outbox.borrow_mut();
         if outbox.queued_bytes() + msg.data().len() > self.limits.max_outgoing_bytes {
@@ -342,7 +385,7 @@ impl Bus {
 
     /// Sends a signal without a destination to every peer whose rules match it.
     pub fn broadcast(&mut self, msg: &Message) {
-        let recipients = self.matching_peers(msg, None);
+        let recipients = self.matching_peers(msg, None, &self.subscribers);
         for to in recipients {
             if !self.deliver(to, msg) {
                 if let Some(p) = self.peers.get(&to) {
@@ -354,36 +397,75 @@ impl Bus {
     }
 
     /// Copies a message with a destination to monitors and to peers that eavesdrop on it.
-    fn to_monitors_and_eavesdroppers(&mut self, msg: &Message, addressed: Option<PeerId>) {
-        let recipients = self.matching_peers(msg, addressed);
+    fn copy_to_watchers(&mut self, msg: &Message, addressed: Option<PeerId>) {
+        if self.watchers.is_empty() {
+            return;
+        }
+        let recipients = self.matching_peers(msg, addressed, &self.watchers);
         for to in recipients {
-            // Eavesdroppers lose a copy rather than anyone losing the original.
+            // Watchers lose a copy rather than anyone losing the original.
             self.deliver(to, msg);
         }
     }
 
-    /// The peers whose rules match `msg`. For a message with a destination, only monitors and
-    /// rules with `eavesdrop='true'` match, and never the addressed peer itself.
-    fn matching_peers(&self, msg: &Message, addressed: Option<PeerId>) -> Vec<PeerId> {
-        let has_destination = msg.header().destination().is_some();
+    /// Those of `candidates` whose rules match `msg`. For a message with a destination, only
+    /// monitors and rules with `eavesdrop='true'` match, and never the addressed peer itself.
+    fn matching_peers(
+        &self,
+        msg: &Message,
+        addressed: Option<PeerId>,
+        candidates: &HashSet<PeerId>,
+    ) -> Vec<PeerId> {
+        let header = msg.header();
+        let fields = Fields::of(msg, &header);
+        let has_destination = fields.destination().is_some();
         let destination_unique = addressed.and_then(|id| self.unique_name(id));
         let owner_of = |name: &str| self.names.owner(name).and_then(|id| self.unique_name(id));
-        let ctx = MatchContext { owner_of: &owner_of, destination_unique };
+        let ctx = MatchContext {
+            owner_of: &owner_of,
+            destination_unique,
+        };
         let mut out = Vec::new();
-        for (&id, peer) in &self.peers {
-            if !peer.registered || peer.rules.is_empty() && !peer.monitor || Some(id) == addressed {
+        for &id in candidates {
+            let Some(peer) = self
+                .peers
+                .get(&id)
+                .filter(|p| p.registered && Some(id) != addressed)
+            else {
                 continue;
-            }
+            };
             let matched = if peer.monitor {
-                peer.rules.is_empty() || peer.rules.iter().any(|r| r.matches(msg, &ctx))
+                peer.rules.is_empty() || peer.rules.iter().any(|r| r.matches_fields(&fields, &ctx))
             } else {
-                peer.rules.iter().any(|r| (!has_destination || r.eavesdrop()) && r.matches(msg, &ctx))
+                peer.rules
+                    .iter()
+                    .any(|r| (!has_destination || r.eavesdrop()) && r.matches_fields(&fields, &ctx))
             };
             if matched {
                 out.push(id);
             }
         }
         out
+    }
+
+    /// Files a peer under the subscribers (it has rules) and the watchers (it may see messages
+    /// addressed to others), after its rules changed.
+    pub fn refresh_rules(&mut self, id: PeerId) {
+        let Some(peer) = self.peers.get(&id) else {
+            return;
+        };
+        let watcher = peer.monitor || peer.rules.iter().any(MatchRule::eavesdrop);
+        let subscriber = !peer.monitor && !peer.rules.is_empty();
+        for (set, member) in [
+            (&mut self.watchers, watcher),
+            (&mut self.subscribers, subscriber),
+        ] {
+            if member {
+                set.insert(id);
+            } else {
+                set.remove(&id);
+            }
+        }
     }
 
     /// Sends an error in reply to `call`, unless the caller said it expects no reply.
@@ -399,9 +481,12 @@ impl Bus {
 
     /// Delivers a message from the driver to one peer, showing it to monitors too.
     pub fn send_from_driver(&mut self, to: PeerId, msg: &Message) {
-        self.to_monitors_and_eavesdroppers(msg, Some(to));
+        self.copy_to_watchers(msg, Some(to));
         if !self.deliver(to, msg) {
-            warn!(peer = to, "disconnecting: its outgoing queue is full and it does not read");
+            warn!(
+                peer = to,
+                "disconnecting: its outgoing queue is full and it does not read"
+            );
             self.disconnect(to);
         }
     }
@@ -411,19 +496,40 @@ impl Bus {
     pub fn announce(&mut self, events: Vec<NameEvent>) {
         let mut owned = Vec::new();
         for event in events {
-            if let NameEvent::OwnerChanged { name, new: Some(new), .. } = &event {
+            if let NameEvent::OwnerChanged {
+                name,
+                new: Some(new),
+                ..
+            } = &event
+            {
                 owned.push((name.clone(), *new));
             }
             let built = match &event {
                 NameEvent::OwnerChanged { name, old, new } => {
-                    let old = old.and_then(|id| self.unique_name(id)).unwrap_or("").to_owned();
-                    let new = new.and_then(|id| self.unique_name(id)).unwrap_or("").to_owned();
-                    driver_signal("NameOwnerChanged", None, &(name.as_str(), old.as_str(), new.as_str()))
-                        .map(|m| (None, m))
+                    let old = old
+                        .and_then(|id| self.unique_name(id))
+                        .unwrap_or("")
+                        .to_owned();
+                    let new = new
+                        .and_then(|id| self.unique_name(id))
+                        .unwrap_or("")
+                        .to_owned();
+                    driver_signal(
+                        "NameOwnerChanged",
+                        None,
+                        &(name.as_str(), old.as_str(), new.as_str()),
+                    )
+                    .map(|m| (None, m))
                 }
                 NameEvent::Acquired { name, peer } | NameEvent::Lost { name, peer } => {
-                    let member = if matches!(event, NameEvent::Acquired { .. }) { "NameAcquired" } else { "NameLost" };
-                    let Some(unique) = self.unique_name(*peer) else { continue };
+                    let member = if matches!(event, NameEvent::Acquired { .. }) {
+                        "NameAcquired"
+                    } else {
+                        "NameLost"
+                    };
+                    let Some(unique) = self.unique_name(*peer) else {
+                        continue;
+                    };
                     driver_signal(member, Some(unique), &(name.as_str(),)).map(|m| (Some(*peer), m))
                 }
             };
@@ -445,7 +551,9 @@ impl Bus {
 
     /// Drops a peer: its names pass on, its callers get `NoReply`, everyone hears it is gone.
     pub fn disconnect(&mut self, id: PeerId) {
-        let Some(peer) = self.peers.get_mut(&id) else { return };
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
         peer.conn.closing.set(true);
         peer.conn.wake.notify_one();
         let announced = peer.registered && !peer.monitor;
@@ -458,7 +566,11 @@ impl Bus {
             self.announce(events);
             self.broadcast_owner_changed(&unique, &unique, "");
         }
-        let Some(peer) = self.peers.remove(&id) else { return };
+        let Some(peer) = self.peers.remove(&id) else {
+            return;
+        };
+        self.subscribers.remove(&id);
+        self.watchers.remove(&id);
         for (caller, serial) in peer.owed {
             self.send_no_reply(caller, serial, id);
         }
@@ -472,7 +584,9 @@ impl Bus {
     }
 
     fn send_no_reply(&mut self, caller: PeerId, serial: u32, callee: PeerId) {
-        let Some(peer) = self.peers.get_mut(&caller) else { return };
+        let Some(peer) = self.peers.get_mut(&caller) else {
+            return;
+        };
         if peer.awaiting.get(&serial) != Some(&callee) {
             return;
         }
@@ -493,17 +607,23 @@ impl Bus {
             let (_, events) = self.names.release(&name, id);
             self.announce(events);
         }
-        let Some(peer) = self.peers.get_mut(&id) else { return };
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
         let unique = peer.unique.clone();
         let owed = std::mem::take(&mut peer.owed);
         peer.awaiting.clear();
         // Clients such as busctl wait for the loss of their unique name before they monitor.
-        self.announce(vec![NameEvent::Lost { name: unique.clone(), peer: id }]);
+        self.announce(vec![NameEvent::Lost {
+            name: unique.clone(),
+            peer: id,
+        }]);
         self.broadcast_owner_changed(&unique, &unique, "");
         if let Some(peer) = self.peers.get_mut(&id) {
             peer.rules = rules;
             peer.monitor = true;
         }
+        self.refresh_rules(id);
         for (caller, serial) in owed {
             self.send_no_reply(caller, serial, id);
         }
@@ -519,7 +639,9 @@ fn is_hello(msg: &Message) -> bool {
 }
 
 pub fn expects_reply(msg: &Message) -> bool {
-    !msg.primary_header().flags().contains(Flags::NO_REPLY_EXPECTED)
+    !msg.primary_header()
+        .flags()
+        .contains(Flags::NO_REPLY_EXPECTED)
 }
 
 /// Sets the sender field to the peer's unique name, replacing whatever the peer wrote there.

@@ -30,9 +30,19 @@ pub enum ReleaseReply {
 /// What a change of ownership must be told, in the order the signals are to be sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NameEvent {
-    Lost { name: String, peer: PeerId },
-    OwnerChanged { name: String, old: Option<PeerId>, new: Option<PeerId> },
-    Acquired { name: String, peer: PeerId },
+    Lost {
+        name: String,
+        peer: PeerId,
+    },
+    OwnerChanged {
+        name: String,
+        old: Option<PeerId>,
+        new: Option<PeerId>,
+    },
+    Acquired {
+        name: String,
+        peer: PeerId,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -57,7 +67,9 @@ impl NameRegistry {
 
     /// The primary owner followed by the queue.
     pub fn queue(&self, name: &str) -> Option<Vec<PeerId>> {
-        self.names.get(name).map(|q| q.iter().map(|o| o.peer).collect())
+        self.names
+            .get(name)
+            .map(|q| q.iter().map(|o| o.peer).collect())
     }
 
     /// Every name that has an owner.
@@ -67,7 +79,10 @@ impl NameRegistry {
 
     /// The names `peer` owns or waits for.
     pub fn names_of(&self, peer: PeerId) -> Vec<String> {
-        self.by_peer.get(&peer).map(|names| names.iter().cloned().collect()).unwrap_or_default()
+        self.by_peer
+            .get(&peer)
+            .map(|names| names.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// How many names `peer` owns or waits for.
@@ -76,9 +91,15 @@ impl NameRegistry {
     }
 
     /// `RequestName`, with the semantics of the specification and dbus-daemon.
-    pub fn request(&mut self, name: &str, peer: PeerId, flags: u32) -> (RequestReply, Vec<NameEvent>) {
+    pub fn request(
+        &mut self,
+        name: &str,
+        peer: PeerId,
+        flags: u32,
+    ) -> (RequestReply, Vec<NameEvent>) {
         let Some(queue) = self.names.get_mut(name) else {
-            self.names.insert(name.to_owned(), VecDeque::from([Owner { peer, flags }]));
+            self.names
+                .insert(name.to_owned(), VecDeque::from([Owner { peer, flags }]));
             self.note(peer, name);
             return (RequestReply::PrimaryOwner, acquired(name, None, peer));
         };
@@ -94,7 +115,10 @@ impl NameRegistry {
             }
             queue.pop_front();
             queue.push_front(Owner { peer, flags });
-            let mut events = vec![NameEvent::Lost { name: name.to_owned(), peer: primary.peer }];
+            let mut events = vec![NameEvent::Lost {
+                name: name.to_owned(),
+                peer: primary.peer,
+            }];
             // The replaced owner waits right behind the new one, unless it asked not to queue.
             if primary.flags & DO_NOT_QUEUE == 0 {
                 queue.insert(1, primary);
@@ -131,7 +155,10 @@ impl NameRegistry {
         let was_primary = queue[0].peer == peer;
         let mut events = Vec::new();
         if was_primary {
-            events.push(NameEvent::Lost { name: name.to_owned(), peer });
+            events.push(NameEvent::Lost {
+                name: name.to_owned(),
+                peer,
+            });
         }
         events.extend(self.remove(name, peer));
         (ReleaseReply::Released, events)
@@ -151,8 +178,12 @@ impl NameRegistry {
     /// takes over.
     fn remove(&mut self, name: &str, peer: PeerId) -> Vec<NameEvent> {
         self.forget(peer, name);
-        let Some(queue) = self.names.get_mut(name) else { return Vec::new() };
-        let Some(at) = queue.iter().position(|o| o.peer == peer) else { return Vec::new() };
+        let Some(queue) = self.names.get_mut(name) else {
+            return Vec::new();
+        };
+        let Some(at) = queue.iter().position(|o| o.peer == peer) else {
+            return Vec::new();
+        };
         queue.remove(at);
         if at != 0 {
             return Vec::new();
@@ -161,13 +192,20 @@ impl NameRegistry {
             Some(next) => acquired(name, Some(peer), next.peer),
             None => {
                 self.names.remove(name);
-                vec![NameEvent::OwnerChanged { name: name.to_owned(), old: Some(peer), new: None }]
+                vec![NameEvent::OwnerChanged {
+                    name: name.to_owned(),
+                    old: Some(peer),
+                    new: None,
+                }]
             }
         }
     }
 
     fn note(&mut self, peer: PeerId, name: &str) {
-        self.by_peer.entry(peer).or_default().insert(name.to_owned());
+        self.by_peer
+            .entry(peer)
+            .or_default()
+            .insert(name.to_owned());
     }
 
     fn forget(&mut self, peer: PeerId, name: &str) {
@@ -182,8 +220,15 @@ impl NameRegistry {
 
 fn acquired(name: &str, old: Option<PeerId>, new: PeerId) -> Vec<NameEvent> {
     vec![
-        NameEvent::OwnerChanged { name: name.to_owned(), old, new: Some(new) },
-        NameEvent::Acquired { name: name.to_owned(), peer: new },
+        NameEvent::OwnerChanged {
+            name: name.to_owned(),
+            old,
+            new: Some(new),
+        },
+        NameEvent::Acquired {
+            name: name.to_owned(),
+            peer: new,
+        },
     ]
 }
 
@@ -214,9 +259,19 @@ mod tests {
         assert_eq!(
             events,
             vec![
-                NameEvent::Lost { name: N.into(), peer: 1 },
-                NameEvent::OwnerChanged { name: N.into(), old: Some(1), new: Some(3) },
-                NameEvent::Acquired { name: N.into(), peer: 3 },
+                NameEvent::Lost {
+                    name: N.into(),
+                    peer: 1
+                },
+                NameEvent::OwnerChanged {
+                    name: N.into(),
+                    old: Some(1),
+                    new: Some(3)
+                },
+                NameEvent::Acquired {
+                    name: N.into(),
+                    peer: 3
+                },
             ]
         );
         // The replaced owner waits right behind the new one, ahead of the old queue.
@@ -250,7 +305,13 @@ mod tests {
         assert_eq!(r.release(N, 3).0, ReleaseReply::NotOwner);
         let (reply, events) = r.release(N, 1);
         assert_eq!(reply, ReleaseReply::Released);
-        assert_eq!(events[0], NameEvent::Lost { name: N.into(), peer: 1 });
+        assert_eq!(
+            events[0],
+            NameEvent::Lost {
+                name: N.into(),
+                peer: 1
+            }
+        );
         assert_eq!(r.owner(N), Some(2));
         assert_eq!(r.release(N, 2).0, ReleaseReply::Released);
         assert_eq!(r.owner(N), None);
@@ -274,8 +335,15 @@ mod tests {
         r.request("c.C", 2, 0);
         r.request("c.C", 1, 0);
         let events = r.remove_peer(1);
-        assert!(events.contains(&NameEvent::OwnerChanged { name: "a.A".into(), old: Some(1), new: None }));
-        assert!(events.contains(&NameEvent::Acquired { name: "b.B".into(), peer: 2 }));
+        assert!(events.contains(&NameEvent::OwnerChanged {
+            name: "a.A".into(),
+            old: Some(1),
+            new: None
+        }));
+        assert!(events.contains(&NameEvent::Acquired {
+            name: "b.B".into(),
+            peer: 2
+        }));
         assert!(!events.iter().any(|e| matches!(e, NameEvent::Lost { .. })));
         assert_eq!(r.queue("c.C"), Some(vec![2]));
         assert_eq!(r.names_of(2), vec!["b.B".to_string(), "c.C".to_string()]);

@@ -45,9 +45,21 @@ impl Broker {
             .expect("start broker");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read address");
-        assert!(line.starts_with("unix:path="), "broker printed {line:?}; log: {}", std::fs::read_to_string(&log).unwrap_or_default());
-        Broker { child, dir, socket, address: line.trim().to_owned(), log }
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read address");
+        assert!(
+            line.starts_with("unix:path="),
+            "broker printed {line:?}; log: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Broker {
+            child,
+            dir,
+            socket,
+            address: line.trim().to_owned(),
+            log,
+        }
     }
 
     /// The address for clients, without the guid.
@@ -72,7 +84,10 @@ impl Broker {
             if log.contains(needle) {
                 return log;
             }
-            assert!(Instant::now() < deadline, "log never said {needle:?}:\n{log}");
+            assert!(
+                Instant::now() < deadline,
+                "log never said {needle:?}:\n{log}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -92,7 +107,10 @@ impl Broker {
 
     /// SIGTERM, then the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         self.child.wait().expect("wait broker")
     }
 }
@@ -124,12 +142,26 @@ impl RawClient {
     /// Connects and authenticates, with or without fd passing, without `Hello`.
     pub fn authenticate(socket: &Path, unix_fds: bool) -> RawClient {
         let mut stream = UnixStream::connect(socket).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         let uid = nix::unistd::getuid().as_raw().to_string();
         let hex: String = uid.bytes().map(|b| format!("{b:02x}")).collect();
-        let negotiate = if unix_fds { "NEGOTIATE_UNIX_FD\r\n" } else { "" };
-        stream.write_all(format!("\0AUTH EXTERNAL {hex}\r\n{negotiate}BEGIN\r\n").as_bytes()).expect("auth");
-        let mut client = RawClient { stream, buf: Vec::new(), fds: Vec::new(), unique: String::new(), serial: 1 };
+        let negotiate = if unix_fds {
+            "NEGOTIATE_UNIX_FD\r\n"
+        } else {
+            ""
+        };
+        stream
+            .write_all(format!("\0AUTH EXTERNAL {hex}\r\n{negotiate}BEGIN\r\n").as_bytes())
+            .expect("auth");
+        let mut client = RawClient {
+            stream,
+            buf: Vec::new(),
+            fds: Vec::new(),
+            unique: String::new(),
+            serial: 1,
+        };
         let ok = client.read_line();
         assert!(ok.starts_with("OK "), "auth reply {ok:?}");
         if unix_fds {
@@ -150,7 +182,10 @@ impl RawClient {
         client.unique = hello.body().deserialize::<String>().expect("unique name");
         // NameAcquired for the unique name follows the reply.
         let acquired = client.recv_until(|m| member_of(m) == "NameAcquired");
-        assert_eq!(acquired.body().deserialize::<String>().unwrap(), client.unique);
+        assert_eq!(
+            acquired.body().deserialize::<String>().unwrap(),
+            client.unique
+        );
         client
     }
 
@@ -170,13 +205,21 @@ impl RawClient {
         let mut chunk = [0u8; 65536];
         let mut cmsg = nix::cmsg_space!([RawFd; 16]);
         let mut iov = [std::io::IoSliceMut::new(&mut chunk)];
-        let msg = recvmsg::<()>(self.stream.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-            .expect("read from broker");
+        let msg = recvmsg::<()>(
+            self.stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .expect("read from broker");
         let n = msg.bytes;
         for c in msg.cmsgs().expect("cmsgs") {
             if let ControlMessageOwned::ScmRights(fds) = c {
                 // SAFETY: fresh descriptors from the kernel.
-                self.fds.extend(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                self.fds.extend(
+                    fds.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
             }
         }
         assert!(n > 0, "broker closed the connection");
@@ -196,13 +239,20 @@ impl RawClient {
     pub fn recv(&mut self) -> Message {
         loop {
             if self.buf.len() >= 16 {
-                let u32_at = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize;
+                let u32_at = |b: &[u8], at: usize| {
+                    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize
+                };
                 let total = (16 + u32_at(&self.buf, 12)).next_multiple_of(8) + u32_at(&self.buf, 4);
                 if self.buf.len() >= total {
                     let bytes: Vec<u8> = self.buf.drain(..total).collect();
-                    let data = Data::new_fds(bytes, Context::new(Endian::Little, 0), std::mem::take(&mut self.fds));
+                    let data = Data::new_fds(
+                        bytes,
+                        Context::new(Endian::Little, 0),
+                        std::mem::take(&mut self.fds),
+                    );
                     // SAFETY: the broker validated this message; the test trusts its bus.
-                    return unsafe { Message::from_bytes(data) }.expect("valid message from broker");
+                    return unsafe { Message::from_bytes(data) }
+                        .expect("valid message from broker");
                 }
             }
             self.fill();
@@ -246,7 +296,9 @@ impl RawClient {
 
     /// Whether the broker has closed this connection (EOF within the timeout).
     pub fn closed_by_broker(&mut self) -> bool {
-        self.stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
         let mut chunk = [0u8; 65536];
         loop {
             match self.stream.read(&mut chunk) {
@@ -260,11 +312,17 @@ impl RawClient {
 }
 
 pub fn member_of(msg: &Message) -> String {
-    msg.header().member().map(|m| m.to_string()).unwrap_or_default()
+    msg.header()
+        .member()
+        .map(|m| m.to_string())
+        .unwrap_or_default()
 }
 
 pub fn error_name(msg: &Message) -> String {
-    msg.header().error_name().map(|m| m.to_string()).unwrap_or_default()
+    msg.header()
+        .error_name()
+        .map(|m| m.to_string())
+        .unwrap_or_default()
 }
 
 /// Runs a command line client with the bus as the session bus; returns (success, stdout, stderr).
