@@ -327,9 +327,14 @@ pub fn error_name(msg: &Message) -> String {
 
 /// Runs a command line client with the bus as the session bus; returns (success, stdout, stderr).
 pub fn run_client(broker: &Broker, program: &str, args: &[&str]) -> (bool, String, String) {
+    run_client_at(&broker.client_address(), program, args)
+}
+
+/// Runs a command line client with `address` as the session bus; returns (success, stdout, stderr).
+pub fn run_client_at(address: &str, program: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(program)
         .args(args)
-        .env("DBUS_SESSION_BUS_ADDRESS", broker.client_address())
+        .env("DBUS_SESSION_BUS_ADDRESS", address)
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
@@ -338,4 +343,39 @@ pub fn run_client(broker: &Broker, program: &str, args: &[&str]) -> (bool, Strin
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// The D-Bus error name a zbus call failed with, or a description of a failure that is not one.
+pub fn zbus_error_name(e: &zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(name, _, _) => name.to_string(),
+        zbus::Error::FDO(e) => fdo_error_name(e),
+        other => format!("(not a D-Bus error reply: {other})"),
+    }
+}
+
+/// The D-Bus error name of a failed `zbus::fdo` proxy call.
+pub fn fdo_error_name(e: &zbus::fdo::Error) -> String {
+    use zbus::DBusError;
+    match e {
+        zbus::fdo::Error::ZBus(inner) => zbus_error_name(inner),
+        other => other.name().to_string(),
+    }
+}
+
+/// Awaits `fut`, failing the test with `what` if it takes more than ten seconds: a lost message
+/// must fail the test, not hang it.
+pub async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(Duration::from_secs(10), fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
+
+/// The names the bus lists, sorted.
+pub async fn list_names(proxy: &zbus::fdo::DBusProxy<'_>) -> Vec<String> {
+    let listed = proxy.list_names().await.expect("ListNames");
+    let mut names: Vec<String> = listed.iter().map(|n| n.to_string()).collect();
+    names.sort();
+    names
 }
