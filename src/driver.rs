@@ -245,8 +245,8 @@ impl Bus {
     }
 
     fn get_name_owner(&self, msg: &Message) -> Outcome {
+        // An invalid name has no owner either, as dbus-daemon answers.
         let (name,): (String,) = args(msg)?;
-        valid_bus_name(&name)?;
         if name == DRIVER {
             return reply(msg, &(DRIVER,));
         }
@@ -262,11 +262,13 @@ impl Bus {
     fn start_service_by_name(&mut self, from: PeerId, msg: &Message) -> Result<(), Fail> {
         let (name, _flags): (String, u32) = args(msg)?;
         valid_bus_name(&name)?;
-        if name == DRIVER || self.resolve(&name).is_some() {
+        // Only well-known names are started; the driver and unique names are not services.
+        let well_known = name != DRIVER && !name.starts_with(':');
+        if well_known && self.resolve(&name).is_some() {
             self.reply_start(from, msg, 2);
             return Ok(());
         }
-        if !self.activation.is_activatable(&name) {
+        if !well_known || !self.activation.is_activatable(&name) {
             return Err(fail(
                 "org.freedesktop.DBus.Error.ServiceUnknown",
                 format!("The name {name} was not provided by any .service files"),
@@ -410,10 +412,11 @@ impl Bus {
             "GetAll" => {
                 let (interface,): (String,) = args(msg)?;
                 let mut all: HashMap<&str, Value<'_>> = HashMap::new();
-                if interface == DRIVER || interface.is_empty() {
+                if interface == DRIVER {
                     all.insert("Features", Value::from(features()));
                     all.insert("Interfaces", Value::from(optional_interfaces()));
-                } else {
+                } else if !KNOWN_INTERFACES.contains(&interface.as_str()) {
+                    // The other interfaces of the driver have no properties.
                     return Err(unknown_interface(&interface));
                 }
                 reply(msg, &(all,))

@@ -562,29 +562,6 @@ async fn driver_errors_are_the_standard_ones() {
     }
 }
 
-/// Activation is not there yet: these must fail honestly rather than pretend. (They change
-/// with the activation issue.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn activation_configuration_answers_an_error_until_activation_lands() {
-    let broker = Broker::start();
-    let (_me, proxy) = client(&broker).await;
-    let env = HashMap::from([("A", "1")]);
-    let update = proxy
-        .update_activation_environment(env)
-        .await
-        .expect_err("UpdateActivationEnvironment pretended to work");
-    let reload = proxy
-        .reload_config()
-        .await
-        .expect_err("ReloadConfig pretended to work");
-    for e in [update, reload] {
-        assert!(
-            fdo_error_name(&e).starts_with("org.freedesktop.DBus.Error."),
-            "{e}"
-        );
-    }
-}
-
 /// Signals the listener saw on the test interface, up to and including the marker.
 async fn seen_until_marker(stream: &mut MessageStream) -> Vec<String> {
     let mut seen = Vec::new();

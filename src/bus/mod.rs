@@ -132,7 +132,7 @@ pub struct Bus {
     next_id: PeerId,
     /// Connections with messages queued since their last flush.
     dirty: Vec<Rc<Conn>>,
-    /// Peers with match rules: the candidates for broadcasts.
+    /// Peers with match rules, and monitors: the candidates for broadcasts.
     subscribers: HashSet<PeerId>,
     /// Monitors and peers with eavesdropping rules: they see messages addressed to others.
     watchers: HashSet<PeerId>,
@@ -455,7 +455,7 @@ impl Bus {
             return;
         };
         let watcher = peer.monitor || peer.rules.iter().any(MatchRule::eavesdrop);
-        let subscriber = !peer.monitor && !peer.rules.is_empty();
+        let subscriber = peer.monitor || !peer.rules.is_empty();
         for (set, member) in [
             (&mut self.watchers, watcher),
             (&mut self.subscribers, subscriber),

@@ -136,9 +136,17 @@ impl NameRegistry {
             }
             return (RequestReply::Exists, Vec::new());
         }
-        match waiting_at {
-            Some(at) => queue[at].flags = flags,
-            None => queue.push_back(Owner { peer, flags }),
+        // As dbus-daemon: one who asked to replace the owner waits right behind it.
+        if flags & REPLACE_EXISTING != 0 {
+            if let Some(at) = waiting_at {
+                queue.remove(at);
+            }
+            queue.insert(1, Owner { peer, flags });
+        } else {
+            match waiting_at {
+                Some(at) => queue[at].flags = flags,
+                None => queue.push_back(Owner { peer, flags }),
+            }
         }
         self.note(peer, name);
         (RequestReply::InQueue, Vec::new())
@@ -253,6 +261,15 @@ mod tests {
         let mut r = NameRegistry::default();
         r.request(N, 1, 0);
         assert_eq!(r.request(N, 2, REPLACE_EXISTING).0, RequestReply::InQueue);
+        r.request(N, 4, 0);
+        assert_eq!(r.request(N, 5, REPLACE_EXISTING).0, RequestReply::InQueue);
+        assert_eq!(
+            r.queue(N),
+            Some(vec![1, 5, 2, 4]),
+            "a would-be replacer waits behind the owner"
+        );
+        r.release(N, 5);
+        r.release(N, 4);
         r.request(N, 1, ALLOW_REPLACEMENT);
         let (reply, events) = r.request(N, 3, REPLACE_EXISTING);
         assert_eq!(reply, RequestReply::PrimaryOwner);
