@@ -111,19 +111,25 @@ fn read_turn(
             let mut scratch = shared.scratch.borrow_mut();
             match reader.read(fd, &mut scratch, &shared.frame_limits, batch) {
                 Err(WireError::Io(e)) => Err(e),
+                // A short read drained the socket: saying `WouldBlock` clears the readiness
+                // now, which saves the read that would only return EAGAIN. New data raises
+                // a new edge, so none is missed.
+                Ok(true) => Err(io::ErrorKind::WouldBlock.into()),
                 other => Ok(other),
             }
         });
         match outcome {
-            Ok(result) => {
-                let read = result;
+            Ok(read) => {
                 dispatch(shared, id, batch);
                 read?;
                 if conn.closing.get() {
                     return Ok(());
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                dispatch(shared, id, batch);
+                return Ok(());
+            }
             Err(e) => return Err(WireError::Io(e)),
         }
     }

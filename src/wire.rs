@@ -93,7 +93,7 @@ impl FrameReader {
     }
 
     /// Reads what the socket has (without blocking) and appends each whole, valid message to
-    /// `out`. Returns `Ok(false)` when the socket had nothing more to read.
+    /// `out`. Returns whether the read was short: the socket was drained then.
     pub fn read(
         &mut self,
         fd: RawFd,
@@ -104,7 +104,7 @@ impl FrameReader {
         scratch.resize(READ_CHUNK, 0);
         let n = self.recv(fd, scratch)?;
         self.take_messages(&scratch[..n], limits, out)?;
-        Ok(true)
+        Ok(n < READ_CHUNK)
     }
 
     /// Parses whatever complete messages the bytes held so far form (used for the handshake's

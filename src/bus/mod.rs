@@ -5,8 +5,8 @@
 pub mod activation;
 pub mod names;
 
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
@@ -115,7 +115,7 @@ pub struct Peer {
     /// Calls this peer made that wait for a reply: serial → callee.
     pub awaiting: HashMap<u32, PeerId>,
     /// Calls to this peer that wait for its reply: (caller, serial).
-    pub owed: Vec<(PeerId, u32)>,
+    pub owed: HashSet<(PeerId, u32)>,
     /// This connection owns the name of a service the bus started; the death of its process
     /// ends the connection.
     pub service_owner: bool,
@@ -158,12 +158,12 @@ impl Bus {
             owner_uid: nix::unistd::getuid().as_raw(),
             machine_id: read_machine_id(),
             limits,
-            peers: HashMap::new(),
+            peers: HashMap::default(),
             names: NameRegistry::default(),
             next_id: 1,
             dirty: Vec::new(),
-            subscribers: HashSet::new(),
-            watchers: HashSet::new(),
+            subscribers: HashSet::default(),
+            watchers: HashSet::default(),
             activation,
             events,
         }
@@ -183,8 +183,8 @@ impl Bus {
                 unix_fds,
                 rules: Vec::new(),
                 monitor: false,
-                awaiting: HashMap::new(),
-                owed: Vec::new(),
+                awaiting: HashMap::default(),
+                owed: HashSet::default(),
                 service_owner: false,
             },
         );
@@ -311,7 +311,7 @@ impl Bus {
         }
         caller.awaiting.insert(serial, to);
         if let Some(callee) = self.peers.get_mut(&to) {
-            callee.owed.push((from, serial));
+            callee.owed.insert((from, serial));
         }
         true
     }
@@ -331,7 +331,7 @@ impl Bus {
         }
         caller.awaiting.remove(&serial);
         if let Some(callee) = self.peers.get_mut(&from) {
-            callee.owed.retain(|&(c, s)| (c, s) != (to, serial));
+            callee.owed.remove(&(to, serial));
         }
         true
     }
@@ -571,7 +571,7 @@ impl Bus {
         };
         self.subscribers.remove(&id);
         self.watchers.remove(&id);
-        for (caller, serial) in peer.owed {
+        for (caller, serial) in in_call_order(peer.owed) {
             self.send_no_reply(caller, serial, id);
         }
     }
@@ -624,10 +624,17 @@ impl Bus {
             peer.monitor = true;
         }
         self.refresh_rules(id);
-        for (caller, serial) in owed {
+        for (caller, serial) in in_call_order(owed) {
             self.send_no_reply(caller, serial, id);
         }
     }
+}
+
+/// Pending calls in the order they were made, so that their `NoReply` errors come in that order.
+fn in_call_order(calls: HashSet<(PeerId, u32)>) -> Vec<(PeerId, u32)> {
+    let mut calls: Vec<_> = calls.into_iter().collect();
+    calls.sort_unstable_by_key(|&(caller, serial)| (serial, caller));
+    calls
 }
 
 fn is_hello(msg: &Message) -> bool {

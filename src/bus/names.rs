@@ -1,7 +1,9 @@
 //! Well-known names: who owns each one, who waits in its queue, and the rules of `RequestName`
 //! and `ReleaseName`.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+
+use rustc_hash::FxHashMap as HashMap;
 
 use super::PeerId;
 
