@@ -1,14 +1,14 @@
 //! One client connection: its credentials, its handshake, then a loop that reads whole messages
 //! into the bus core and writes out what the core queued for it.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::rc::Rc;
 
 use tokio::io::Interest;
 use tokio::net::UnixStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 use zbus::Message;
 
 use crate::auth::{self, AuthPolicy};
@@ -25,6 +25,21 @@ pub struct Shared {
     pub frame_limits: FrameLimits,
     /// One read buffer for all connections: they take turns on one thread.
     pub scratch: RefCell<Vec<u8>>,
+    /// Connections still in the handshake.
+    pub incomplete: Cell<usize>,
+}
+
+/// At most this many connections may be in the handshake at once (dbus-daemon's session
+/// default), so that clients that connect and say nothing cannot exhaust the bus's fds.
+const MAX_INCOMPLETE: usize = 64;
+
+/// Counts a connection as incomplete while it lives.
+struct Incomplete<'a>(&'a Cell<usize>);
+
+impl Drop for Incomplete<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
 }
 
 /// Serves one accepted socket until it closes or the bus drops it.
@@ -36,10 +51,22 @@ pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
             return;
         }
     };
-    let authenticated = match auth::authenticate(&stream, creds.uid, &shared.auth).await {
+    if shared.incomplete.get() >= MAX_INCOMPLETE {
+        warn!(
+            pid = creds.pid,
+            uid = creds.uid,
+            "refusing a connection: {MAX_INCOMPLETE} others are still authenticating"
+        );
+        return;
+    }
+    shared.incomplete.set(shared.incomplete.get() + 1);
+    let handshake = Incomplete(&shared.incomplete);
+    let authenticated = auth::authenticate(&stream, creds.uid, &shared.auth).await;
+    drop(handshake);
+    let authenticated = match authenticated {
         Ok(a) => a,
         Err(e) => {
-            info!(
+            debug!(
                 pid = creds.pid,
                 uid = creds.uid,
                 "authentication failed: {e}"

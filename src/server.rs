@@ -1,7 +1,7 @@
 //! The running bus: it binds the address, tells it, accepts connections on one thread, and shuts
 //! down cleanly on SIGTERM or SIGINT.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::{BorrowedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
@@ -76,6 +76,7 @@ async fn serve(opts: Options) -> Result<(), String> {
             max_fds: 253,
         },
         scratch: RefCell::new(Vec::new()),
+        incomplete: Cell::new(0),
     });
 
     let mut term =

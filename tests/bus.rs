@@ -591,3 +591,42 @@ fn garbage_during_the_handshake_is_refused_and_harmless() {
     let mut client = RawClient::connect(&broker.socket);
     client.driver_call("GetId", &()).unwrap();
 }
+
+#[test]
+fn silent_connections_cannot_exhaust_the_bus() {
+    use std::io::Read;
+    let broker = Broker::start();
+    // Each sends its NUL byte and then nothing: they wait in the handshake.
+    let silent: Vec<_> = (0..64)
+        .map(|_| {
+            let mut s = std::os::unix::net::UnixStream::connect(&broker.socket).unwrap();
+            s.write_all(b"\0").unwrap();
+            s
+        })
+        .collect();
+    let mut refused = std::os::unix::net::UnixStream::connect(&broker.socket).unwrap();
+    refused
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert!(
+        matches!(refused.read(&mut buf), Ok(0) | Err(_)),
+        "a 65th handshake was let in"
+    );
+    broker.wait_for_log("others are still authenticating");
+    drop(silent);
+    // Once they are gone, clients are served again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut s = std::os::unix::net::UnixStream::connect(&broker.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"\0AUTH\r\n").unwrap();
+        if matches!(s.read(&mut buf), Ok(n) if n > 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the bus did not recover");
+    }
+    RawClient::connect(&broker.socket)
+        .driver_call("GetId", &())
+        .unwrap();
+}
