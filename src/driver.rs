@@ -312,37 +312,26 @@ impl Bus {
     fn add_match(&mut self, from: PeerId, msg: &Message) -> Outcome {
         let (text,): (String,) = args(msg)?;
         let rule = MatchRule::parse(&text).map_err(rule_error)?;
-        let max = self.limits.max_match_rules_per_connection;
-        let peer = self
-            .peers
-            .get_mut(&from)
-            .ok_or_else(|| invalid_args("unknown connection"))?;
-        if peer.rules.len() >= max {
+        let count = self.peers.get(&from).map_or(0, |p| p.rules.len());
+        if count >= self.limits.max_match_rules_per_connection {
             return Err(fail(
                 "org.freedesktop.DBus.Error.LimitsExceeded",
                 "The maximum number of match rules per connection has been reached",
             ));
         }
-        peer.rules.push(rule);
-        self.refresh_rules(from);
+        self.add_rule(from, rule);
         reply(msg, &())
     }
 
     fn remove_match(&mut self, from: PeerId, msg: &Message) -> Outcome {
         let (text,): (String,) = args(msg)?;
         let rule = MatchRule::parse(&text).map_err(rule_error)?;
-        let peer = self
-            .peers
-            .get_mut(&from)
-            .ok_or_else(|| invalid_args("unknown connection"))?;
-        let at = peer.rules.iter().position(|r| *r == rule).ok_or_else(|| {
-            fail(
+        if !self.remove_rule(from, &rule) {
+            return Err(fail(
                 "org.freedesktop.DBus.Error.MatchRuleNotFound",
                 "The given match rule wasn't found and can't be removed",
-            )
-        })?;
-        peer.rules.remove(at);
-        self.refresh_rules(from);
+            ));
+        }
         reply(msg, &())
     }
 

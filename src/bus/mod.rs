@@ -3,6 +3,7 @@
 //! order of messages is the order of events and no lock is ever needed.
 
 pub mod activation;
+mod match_index;
 pub mod names;
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
@@ -22,6 +23,7 @@ use crate::activation::{Activation, Waiter};
 use crate::match_rule::{Fields, MatchContext, MatchRule};
 use crate::wire::Outbox;
 use activation::CoreEvent;
+use match_index::MatchIndex;
 use names::{NameEvent, NameRegistry};
 
 /// A connection's number: its unique name is `:1.<id>`.
@@ -132,8 +134,8 @@ pub struct Bus {
     next_id: PeerId,
     /// Connections with messages queued since their last flush.
     dirty: Vec<Rc<Conn>>,
-    /// Peers with match rules, and monitors: the candidates for broadcasts.
-    subscribers: HashSet<PeerId>,
+    /// The rules of all peers (and the monitors), by what broadcasts they could match.
+    index: MatchIndex,
     /// Monitors and peers with eavesdropping rules: they see messages addressed to others.
     watchers: HashSet<PeerId>,
     pub activation: Activation,
@@ -162,7 +164,7 @@ impl Bus {
             names: NameRegistry::default(),
             next_id: 1,
             dirty: Vec::new(),
-            subscribers: HashSet::default(),
+            index: MatchIndex::default(),
             watchers: HashSet::default(),
             activation,
             events,
@@ -385,7 +387,13 @@ impl Bus {
 
     /// Sends a signal without a destination to every peer whose rules match it.
     pub fn broadcast(&mut self, msg: &Message) {
-        let recipients = self.matching_peers(msg, None, &self.subscribers);
+        let header = msg.header();
+        let candidates = self.index.candidates(
+            header.interface().map(|i| i.as_str()),
+            header.member().map(|m| m.as_str()),
+        );
+        drop(header);
+        let recipients = self.matching_peers(msg, None, candidates);
         for to in recipients {
             if !self.deliver(to, msg) {
                 if let Some(p) = self.peers.get(&to) {
@@ -401,7 +409,7 @@ impl Bus {
         if self.watchers.is_empty() {
             return;
         }
-        let recipients = self.matching_peers(msg, addressed, &self.watchers);
+        let recipients = self.matching_peers(msg, addressed, self.watchers.iter().copied());
         for to in recipients {
             // Watchers lose a copy rather than anyone losing the original.
             self.deliver(to, msg);
@@ -414,7 +422,7 @@ impl Bus {
         &self,
         msg: &Message,
         addressed: Option<PeerId>,
-        candidates: &HashSet<PeerId>,
+        candidates: impl IntoIterator<Item = PeerId>,
     ) -> Vec<PeerId> {
         let header = msg.header();
         let fields = Fields::of(msg, &header);
@@ -426,7 +434,7 @@ impl Bus {
             destination_unique,
         };
         let mut out = Vec::new();
-        for &id in candidates {
+        for id in candidates {
             let Some(peer) = self
                 .peers
                 .get(&id)
@@ -448,23 +456,52 @@ impl Bus {
         out
     }
 
-    /// Files a peer under the subscribers (it has rules) and the watchers (it may see messages
-    /// addressed to others), after its rules changed.
-    pub fn refresh_rules(&mut self, id: PeerId) {
+    /// Adds a match rule of a peer.
+    pub fn add_rule(&mut self, id: PeerId, rule: MatchRule) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        self.index.add(id, rule.interface(), rule.member());
+        peer.rules.push(rule);
+        self.refresh_watcher(id);
+    }
+
+    /// Removes one match rule of a peer equal to `rule`; false if it has none.
+    pub fn remove_rule(&mut self, id: PeerId, rule: &MatchRule) -> bool {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return false;
+        };
+        let Some(at) = peer.rules.iter().position(|r| r == rule) else {
+            return false;
+        };
+        let rule = peer.rules.remove(at);
+        self.index.remove(id, rule.interface(), rule.member());
+        self.refresh_watcher(id);
+        true
+    }
+
+    /// Takes every rule of a peer out of the index.
+    fn unindex_rules(&mut self, id: PeerId) {
         let Some(peer) = self.peers.get(&id) else {
             return;
         };
-        let watcher = peer.monitor || peer.rules.iter().any(MatchRule::eavesdrop);
-        let subscriber = peer.monitor || !peer.rules.is_empty();
-        for (set, member) in [
-            (&mut self.watchers, watcher),
-            (&mut self.subscribers, subscriber),
-        ] {
-            if member {
-                set.insert(id);
-            } else {
-                set.remove(&id);
-            }
+        for rule in &peer.rules {
+            self.index.remove(id, rule.interface(), rule.member());
+        }
+        if peer.monitor {
+            self.index.remove(id, None, None);
+        }
+    }
+
+    /// Files a peer under the watchers (it may see messages addressed to others), or not.
+    fn refresh_watcher(&mut self, id: PeerId) {
+        let Some(peer) = self.peers.get(&id) else {
+            return;
+        };
+        if peer.monitor || peer.rules.iter().any(MatchRule::eavesdrop) {
+            self.watchers.insert(id);
+        } else {
+            self.watchers.remove(&id);
         }
     }
 
@@ -566,10 +603,10 @@ impl Bus {
             self.announce(events);
             self.broadcast_owner_changed(&unique, &unique, "");
         }
+        self.unindex_rules(id);
         let Some(peer) = self.peers.remove(&id) else {
             return;
         };
-        self.subscribers.remove(&id);
         self.watchers.remove(&id);
         for (caller, serial) in in_call_order(peer.owed) {
             self.send_no_reply(caller, serial, id);
@@ -619,11 +656,14 @@ impl Bus {
             peer: id,
         }]);
         self.broadcast_owner_changed(&unique, &unique, "");
+        self.unindex_rules(id);
         if let Some(peer) = self.peers.get_mut(&id) {
             peer.rules = rules;
             peer.monitor = true;
         }
-        self.refresh_rules(id);
+        // A monitor's own rules are tried on every message it could see.
+        self.index.add(id, None, None);
+        self.refresh_watcher(id);
         for (caller, serial) in in_call_order(owed) {
             self.send_no_reply(caller, serial, id);
         }
