@@ -101,10 +101,44 @@ impl FrameReader {
         limits: &FrameLimits,
         out: &mut Vec<Message>,
     ) -> Result<bool, WireError> {
+        if let Some(missing) = self.missing_bytes(limits)?.filter(|&m| m > READ_CHUNK) {
+            return self.read_large(fd, missing, limits, out);
+        }
         scratch.resize(READ_CHUNK, 0);
-        let n = self.recv(fd, scratch)?;
+        let n = recv(fd, scratch, &mut self.fds)?;
         self.take_messages(&scratch[..n], limits, out)?;
         Ok(n < READ_CHUNK)
+    }
+
+    /// How many bytes the partial message still lacks, once its length is known.
+    fn missing_bytes(&self, limits: &FrameLimits) -> Result<Option<usize>, WireError> {
+        if self.partial.len() < FIXED_HEADER {
+            return Ok(None);
+        }
+        let total = frame_len(&self.partial, limits.max_message_size)?;
+        Ok(Some(total.saturating_sub(self.partial.len())))
+    }
+
+    /// Reads the rest of a large message straight into its buffer, saving a copy of each byte.
+    fn read_large(
+        &mut self,
+        fd: RawFd,
+        missing: usize,
+        limits: &FrameLimits,
+        out: &mut Vec<Message>,
+    ) -> Result<bool, WireError> {
+        self.partial.reserve_exact(missing);
+        let spare = &mut self.partial.spare_capacity_mut()[..missing];
+        // SAFETY: the kernel only writes into this memory; the bytes it reports are then set.
+        let buf = unsafe { &mut *(spare as *mut [std::mem::MaybeUninit<u8>] as *mut [u8]) };
+        let n = recv(fd, buf, &mut self.fds)?;
+        // SAFETY: `recv` initialized `n` bytes past the old length, within the reserved capacity.
+        unsafe { self.partial.set_len(self.partial.len() + n) };
+        if n == missing {
+            let whole = std::mem::take(&mut self.partial);
+            out.push(self.parse(whole, limits)?);
+        }
+        Ok(n < missing)
     }
 
     /// Parses whatever complete messages the bytes held so far form (used for the handshake's
@@ -116,35 +150,6 @@ impl FrameReader {
     ) -> Result<(), WireError> {
         let partial = std::mem::take(&mut self.partial);
         self.take_messages(&partial, limits, out)
-    }
-
-    fn recv(&mut self, fd: RawFd, buf: &mut [u8]) -> Result<usize, WireError> {
-        let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_READ]);
-        let mut iov = [IoSliceMut::new(buf)];
-        let msg = recvmsg::<()>(
-            fd,
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-        )
-        .map_err(|e| WireError::Io(e.into()))?;
-        let n = msg.bytes;
-        for c in msg.cmsgs().map_err(|e| WireError::Io(e.into()))? {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                // SAFETY: the kernel just handed us these descriptors; nothing else owns them.
-                self.fds.extend(
-                    fds.into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
-            }
-        }
-        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-            return Err(invalid("too many file descriptors in one read"));
-        }
-        if n == 0 {
-            return Err(WireError::Closed);
-        }
-        Ok(n)
     }
 
     fn take_messages(
@@ -228,6 +233,40 @@ impl FrameReader {
             .map_err(|e| invalid(format!("bad body: {e}")))?;
         Ok(msg)
     }
+}
+
+/// One `recvmsg`: the bytes into `buf`, any file descriptors that came with them onto `received_fds`.
+fn recv(
+    fd: RawFd,
+    buf: &mut [u8],
+    received_fds: &mut VecDeque<OwnedFd>,
+) -> Result<usize, WireError> {
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_READ]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        fd,
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(|e| WireError::Io(e.into()))?;
+    let n = msg.bytes;
+    for c in msg.cmsgs().map_err(|e| WireError::Io(e.into()))? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            // SAFETY: the kernel just handed us these descriptors; nothing else owns them.
+            received_fds.extend(
+                fds.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(invalid("too many file descriptors in one read"));
+    }
+    if n == 0 {
+        return Err(WireError::Closed);
+    }
+    Ok(n)
 }
 
 /// The value of the UNIX_FDS header field (code 9), found by a walk over the fields. The header
