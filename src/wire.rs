@@ -367,27 +367,31 @@ impl Outbox {
     /// One `sendmsg` over the front messages. The file descriptors of a message go with its
     /// first byte, so a batch stops before the next message that carries any.
     fn send_some(&self, fd: RawFd) -> nix::Result<usize> {
-        let mut iov = Vec::with_capacity(self.queue.len().min(MAX_IOVECS));
-        let mut fds: Vec<RawFd> = Vec::new();
+        // On the stack: this runs for every message the bus writes.
+        let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+        let mut count = 0;
         for (i, msg) in self.queue.iter().take(MAX_IOVECS).enumerate() {
-            let msg_fds = msg.data().fds();
+            let bytes = msg.data().bytes();
             if i == 0 {
-                if self.offset == 0 {
-                    fds.extend(msg_fds.iter().map(|f| f.as_raw_fd()));
-                }
-                iov.push(IoSlice::new(&msg.data().bytes()[self.offset..]));
+                iov[0] = IoSlice::new(&bytes[self.offset..]);
+            } else if !msg.data().fds().is_empty() {
+                break;
             } else {
-                if !msg_fds.is_empty() {
-                    break;
-                }
-                iov.push(IoSlice::new(msg.data().bytes()));
+                iov[i] = IoSlice::new(bytes);
             }
+            count = i + 1;
         }
+        let front_fds = self.queue.front().map_or(&[][..], |m| m.data().fds());
+        let fds: Vec<RawFd> = if self.offset == 0 {
+            front_fds.iter().map(|f| f.as_raw_fd()).collect()
+        } else {
+            Vec::new()
+        };
         let cmsg = [ControlMessage::ScmRights(&fds)];
         let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
         sendmsg::<()>(
             fd,
-            &iov,
+            &iov[..count],
             cmsgs,
             MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
             None,

@@ -693,9 +693,6 @@ pub fn expects_reply(msg: &Message) -> bool {
 
 /// Sets the sender field to the peer's unique name, replacing whatever the peer wrote there.
 fn stamp_sender(msg: &Message, unique: &str) -> zbus::Result<Message> {
-    if msg.header().sender().is_some_and(|s| s.as_str() == unique) {
-        return Ok(msg.clone());
-    }
     let name = UniqueName::from_str_unchecked(unique);
     msg.with_sender(&name)
 }
