@@ -5,6 +5,7 @@ pub mod address;
 pub mod auth;
 pub mod bus;
 pub mod cli;
+pub mod config;
 pub mod connection;
 pub mod driver;
 pub mod match_rule;
