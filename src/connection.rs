@@ -8,6 +8,7 @@ use std::rc::Rc;
 
 use tokio::io::Interest;
 use tokio::net::UnixStream;
+use tokio::sync::Notify;
 use tracing::{debug, warn};
 use zbus::Message;
 
@@ -27,6 +28,27 @@ pub struct Shared {
     pub scratch: RefCell<Vec<u8>>,
     /// Connections still in the handshake.
     pub incomplete: Cell<usize>,
+    /// Wakes the flusher: something was queued for writing.
+    pub flush_wake: Notify,
+}
+
+impl Shared {
+    /// Has the flusher write what was queued. It runs after the connections that are ready now
+    /// have had their turn, so that a receiver gets one write for what many senders sent it.
+    pub fn schedule_flush(&self) {
+        self.flush_wake.notify_one();
+    }
+
+    /// The flusher: writes whatever the core queued, each time it is woken.
+    pub async fn flush_forever(&self) {
+        loop {
+            self.flush_wake.notified().await;
+            let dirty = self.bus.borrow_mut().take_dirty();
+            for conn in dirty {
+                conn.flush();
+            }
+        }
+    }
 }
 
 /// At most this many connections may be in the handshake at once (dbus-daemon's session
@@ -88,11 +110,8 @@ pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
         }
         Err(WireError::Io(e)) => debug!(peer = id, "connection error: {e}"),
     }
-    let mut bus = shared.bus.borrow_mut();
-    bus.disconnect(id);
-    let dirty = bus.take_dirty();
-    drop(bus);
-    flush_all(dirty);
+    shared.bus.borrow_mut().disconnect(id);
+    shared.schedule_flush();
 }
 
 async fn run(
@@ -172,15 +191,8 @@ fn dispatch(shared: &Shared, id: PeerId, batch: &mut Vec<Message>) {
     for msg in batch.drain(..) {
         bus.dispatch(id, msg);
     }
-    let dirty = bus.take_dirty();
     drop(bus);
-    flush_all(dirty);
-}
-
-pub fn flush_all(dirty: Vec<Rc<Conn>>) {
-    for conn in dirty {
-        conn.flush();
-    }
+    shared.schedule_flush();
 }
 
 /// The peer's uid, pid and groups from the kernel.

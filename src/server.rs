@@ -10,6 +10,7 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
+use tokio::sync::Notify;
 use tokio::sync::mpsc::{self, UnboundedSender};
 
 use crate::activation::{Activation, StartPolicy, files, watch};
@@ -77,7 +78,10 @@ async fn serve(opts: Options) -> Result<(), String> {
         },
         scratch: RefCell::new(Vec::new()),
         incomplete: Cell::new(0),
+        flush_wake: Notify::new(),
     });
+    let flusher = shared.clone();
+    tokio::task::spawn_local(async move { flusher.flush_forever().await });
 
     let mut term =
         signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
@@ -163,11 +167,8 @@ fn address_without_guid(address: &str) -> String {
 }
 
 fn handle_event(shared: &Shared, event: CoreEvent) {
-    let mut bus = shared.bus.borrow_mut();
-    bus.handle_event(event);
-    let dirty = bus.take_dirty();
-    drop(bus);
-    connection::flush_all(dirty);
+    shared.bus.borrow_mut().handle_event(event);
+    shared.schedule_flush();
 }
 
 /// Writes `line` and a newline to `fd` in one write; an fd other than stdout and stderr is then
