@@ -35,6 +35,12 @@ pub fn run(opts: Options) -> Result<(), String> {
 
 async fn serve(opts: Options) -> Result<(), String> {
     raise_fd_limit();
+    // Before the address is printed: whoever reads it may signal the bus at once.
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
     let wanted = match &opts.address {
         Some(a) => ListenAddress::parse(a).map_err(|e| e.to_string())?,
         None => ListenAddress::session_default(),
@@ -83,11 +89,6 @@ async fn serve(opts: Options) -> Result<(), String> {
     let flusher = shared.clone();
     tokio::task::spawn_local(async move { flusher.flush_forever().await });
 
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
-    let mut int =
-        signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {

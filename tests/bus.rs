@@ -630,3 +630,68 @@ fn silent_connections_cannot_exhaust_the_bus() {
         .driver_call("GetId", &())
         .unwrap();
 }
+
+#[test]
+fn sigterm_stops_the_bus_and_removes_its_socket() {
+    let mut broker = Broker::start();
+    assert!(broker.socket.exists());
+    let status = broker.stop();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(!broker.socket.exists(), "the socket file was left behind");
+    assert!(broker.log().contains("shutting down"));
+}
+
+#[test]
+fn a_second_bus_on_a_live_socket_is_refused() {
+    let broker = Broker::start();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args([
+            "--session",
+            &format!("--address=unix:path={}", broker.socket.display()),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("a bus already listens"), "{stderr}");
+    // The first bus is untouched.
+    RawClient::connect(&broker.socket)
+        .driver_call("GetId", &())
+        .unwrap();
+}
+
+#[test]
+fn print_address_and_pid_go_to_the_given_fds_in_one_line_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("bus");
+    let mut child = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "exec {} --session --address=unix:path={} --print-address=3 --print-pid=4 3>{}/addr 4>{}/pid",
+            env!("CARGO_BIN_EXE_broker"),
+            socket.display(),
+            dir.path().display(),
+            dir.path().display()
+        ))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+    while !(read("addr").ends_with('\n') && read("pid").ends_with('\n')) {
+        assert!(Instant::now() < deadline, "nothing printed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let address = read("addr");
+    assert!(
+        address.starts_with(&format!("unix:path={},guid=", socket.display())),
+        "{address}"
+    );
+    assert_eq!(address.lines().count(), 1);
+    assert_eq!(read("pid").trim(), child.id().to_string());
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    child.wait().unwrap();
+}
