@@ -10,11 +10,10 @@ use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
-use zbus::Message;
 
 use crate::auth::{self, AuthPolicy};
 use crate::bus::{Bus, Conn, Credentials, PeerId};
-use crate::wire::{FrameLimits, FrameReader, WireError};
+use crate::wire::{FrameLimits, FrameReader, Incoming, WireError};
 
 /// How many reads one connection may do before the others get their turn.
 const READS_PER_TURN: usize = 16;
@@ -102,7 +101,7 @@ pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
         .bus
         .borrow_mut()
         .add_peer(conn.clone(), creds, authenticated.unix_fds);
-    let mut reader = FrameReader::with_leftover(authenticated.leftover);
+    let mut reader = FrameReader::new(format!(":1.{id}"), authenticated.leftover);
     match run(&shared, &conn, id, &mut reader).await {
         Ok(()) | Err(WireError::Closed) => debug!(peer = id, "connection closed"),
         Err(WireError::Invalid(why)) => {
@@ -149,7 +148,7 @@ fn read_turn(
     conn: &Conn,
     id: PeerId,
     reader: &mut FrameReader,
-    batch: &mut Vec<Message>,
+    batch: &mut Vec<Incoming>,
 ) -> Result<(), WireError> {
     for _ in 0..READS_PER_TURN {
         let fd = conn.stream.as_raw_fd();
@@ -183,13 +182,13 @@ fn read_turn(
 }
 
 /// Hands each message to the bus core, then writes what it queued.
-fn dispatch(shared: &Shared, id: PeerId, batch: &mut Vec<Message>) {
+fn dispatch(shared: &Shared, id: PeerId, batch: &mut Vec<Incoming>) {
     if batch.is_empty() {
         return;
     }
     let mut bus = shared.bus.borrow_mut();
-    for msg in batch.drain(..) {
-        bus.dispatch(id, msg);
+    for Incoming { msg, stamped } in batch.drain(..) {
+        bus.dispatch(id, msg, stamped);
     }
     drop(bus);
     shared.schedule_flush();

@@ -74,21 +74,24 @@ fn frame_len(head: &[u8], max_size: usize) -> Result<usize, WireError> {
 }
 
 /// Cuts a connection's incoming bytes into messages.
-#[derive(Default)]
 pub struct FrameReader {
     /// The start of a message not yet complete. Empty between messages, so an idle connection
     /// holds no buffer.
     partial: Vec<u8>,
     /// File descriptors received and not yet claimed by a message.
     fds: VecDeque<OwnedFd>,
+    /// The connection's unique name, stamped into each message's header as it is copied.
+    sender: String,
 }
 
 impl FrameReader {
-    /// Starts with bytes already read (those that followed `BEGIN` in the handshake).
-    pub fn with_leftover(leftover: Vec<u8>) -> FrameReader {
+    /// A reader for the connection named `sender`, starting with bytes already read (those
+    /// that followed `BEGIN` in the handshake).
+    pub fn new(sender: String, leftover: Vec<u8>) -> FrameReader {
         FrameReader {
             partial: leftover,
             fds: VecDeque::new(),
+            sender,
         }
     }
 
@@ -99,7 +102,7 @@ impl FrameReader {
         fd: RawFd,
         scratch: &mut Vec<u8>,
         limits: &FrameLimits,
-        out: &mut Vec<Message>,
+        out: &mut Vec<Incoming>,
     ) -> Result<bool, WireError> {
         if let Some(missing) = self.missing_bytes(limits)?.filter(|&m| m > READ_CHUNK) {
             return self.read_large(fd, missing, limits, out);
@@ -125,7 +128,7 @@ impl FrameReader {
         fd: RawFd,
         missing: usize,
         limits: &FrameLimits,
-        out: &mut Vec<Message>,
+        out: &mut Vec<Incoming>,
     ) -> Result<bool, WireError> {
         self.partial.reserve_exact(missing);
         let spare = &mut self.partial.spare_capacity_mut()[..missing];
@@ -136,7 +139,7 @@ impl FrameReader {
         unsafe { self.partial.set_len(self.partial.len() + n) };
         if n == missing {
             let whole = std::mem::take(&mut self.partial);
-            out.push(self.parse(whole, limits)?);
+            out.push(self.parse(&whole, limits)?);
         }
         Ok(n < missing)
     }
@@ -146,7 +149,7 @@ impl FrameReader {
     pub fn drain_leftover(
         &mut self,
         limits: &FrameLimits,
-        out: &mut Vec<Message>,
+        out: &mut Vec<Incoming>,
     ) -> Result<(), WireError> {
         let partial = std::mem::take(&mut self.partial);
         self.take_messages(&partial, limits, out)
@@ -156,7 +159,7 @@ impl FrameReader {
         &mut self,
         mut data: &[u8],
         limits: &FrameLimits,
-        out: &mut Vec<Message>,
+        out: &mut Vec<Incoming>,
     ) -> Result<(), WireError> {
         if !self.partial.is_empty() {
             data = self.complete_partial(data, limits, out)?;
@@ -166,7 +169,7 @@ impl FrameReader {
             if data.len() < total {
                 break;
             }
-            out.push(self.parse(data[..total].to_vec(), limits)?);
+            out.push(self.parse(&data[..total], limits)?);
             data = &data[total..];
         }
         if !data.is_empty() {
@@ -180,7 +183,7 @@ impl FrameReader {
         &mut self,
         mut data: &'d [u8],
         limits: &FrameLimits,
-        out: &mut Vec<Message>,
+        out: &mut Vec<Incoming>,
     ) -> Result<&'d [u8], WireError> {
         if self.partial.len() < FIXED_HEADER {
             let take = (FIXED_HEADER - self.partial.len()).min(data.len());
@@ -197,19 +200,20 @@ impl FrameReader {
         self.partial.extend_from_slice(&data[..take]);
         if self.partial.len() == total {
             let whole = std::mem::take(&mut self.partial);
-            out.push(self.parse(whole, limits)?);
+            out.push(self.parse(&whole, limits)?);
         }
         Ok(&data[take..])
     }
 
-    /// Checks one whole message: header, then body against its signature.
-    fn parse(&mut self, bytes: Vec<u8>, limits: &FrameLimits) -> Result<Message, WireError> {
+    /// Checks one whole message: header, then body against its signature. A message without a
+    /// SENDER field gets the connection's name as it is copied.
+    fn parse(&mut self, bytes: &[u8], limits: &FrameLimits) -> Result<Incoming, WireError> {
         let endian = if bytes[0] == b'B' {
             Endian::Big
         } else {
             Endian::Little
         };
-        let nfds = declared_fds(&bytes, endian);
+        let nfds = declared_fds(bytes, endian);
         if nfds > limits.max_fds {
             return Err(invalid(format!(
                 "message carries {nfds} file descriptors, more than {}",
@@ -222,6 +226,15 @@ impl FrameReader {
                 self.fds.len()
             )));
         }
+        let stamped = match has_sender_field(bytes, endian) {
+            false => add_sender_field(bytes, endian, &self.sender)
+                .filter(|b| b.len() <= limits.max_message_size),
+            true => None,
+        };
+        let (bytes, stamped) = match stamped {
+            Some(b) => (b, true),
+            None => (bytes.to_vec(), false),
+        };
         let fds: Vec<OwnedFd> = self.fds.drain(..nfds).collect();
         let data = Data::new_fds(bytes, Context::new(endian, 0), fds);
         // SAFETY: `from_bytes` checks the header itself; the body is checked right below, before
@@ -231,7 +244,7 @@ impl FrameReader {
         msg.body()
             .validate()
             .map_err(|e| invalid(format!("bad body: {e}")))?;
-        Ok(msg)
+        Ok(Incoming { msg, stamped })
     }
 }
 
@@ -269,18 +282,24 @@ fn recv(
     Ok(n)
 }
 
-/// The value of the UNIX_FDS header field (code 9), found by a walk over the fields. The header
-/// is checked properly later; a malformed one here just reads as 0.
-fn declared_fds(bytes: &[u8], endian: Endian) -> usize {
-    let u32_at = |at: usize| -> Option<u32> {
-        let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
-        Some(match endian {
-            Endian::Little => u32::from_le_bytes(b),
-            Endian::Big => u32::from_be_bytes(b),
-        })
-    };
-    let Some(fields_len) = u32_at(12) else {
-        return 0;
+/// Header field codes the reader looks at before the header is checked properly.
+const SENDER_FIELD: u8 = 7;
+const UNIX_FDS_FIELD: u8 = 9;
+
+fn u32_at(bytes: &[u8], at: usize, endian: Endian) -> Option<u32> {
+    let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
+    Some(match endian {
+        Endian::Little => u32::from_le_bytes(b),
+        Endian::Big => u32::from_be_bytes(b),
+    })
+}
+
+/// Walks the header fields of a message, calling `f` with each field's code and, for a `u32`
+/// field, its value, until `f` returns false. The header is checked properly later; a
+/// malformed one here just ends the walk.
+fn walk_fields(bytes: &[u8], endian: Endian, mut f: impl FnMut(u8, Option<u32>) -> bool) {
+    let Some(fields_len) = u32_at(bytes, 12, endian) else {
+        return;
     };
     let end = (FIXED_HEADER + fields_len as usize).min(bytes.len());
     let mut at = FIXED_HEADER;
@@ -292,24 +311,85 @@ fn declared_fds(bytes: &[u8], endian: Endian) -> usize {
         let (value_end, value) = match sig {
             b"u" => {
                 let v = value_at.next_multiple_of(4);
-                (v + 4, u32_at(v))
+                (v + 4, u32_at(bytes, v, endian))
             }
             b"s" | b"o" => {
                 let v = value_at.next_multiple_of(4);
-                (v + 4 + u32_at(v).unwrap_or(0) as usize + 1, None)
+                (
+                    v + 4 + u32_at(bytes, v, endian).unwrap_or(0) as usize + 1,
+                    None,
+                )
             }
             b"g" => (
                 value_at + 1 + *bytes.get(value_at).unwrap_or(&0) as usize + 1,
                 None,
             ),
-            _ => return 0,
+            _ => return,
         };
-        if code == 9 {
-            return value.unwrap_or(0) as usize;
+        if !f(code, value) {
+            return;
         }
         at = value_end.next_multiple_of(8);
     }
-    0
+}
+
+/// The value of the UNIX_FDS header field, 0 if there is none.
+fn declared_fds(bytes: &[u8], endian: Endian) -> usize {
+    let mut fds = 0;
+    walk_fields(bytes, endian, |code, value| {
+        if code == UNIX_FDS_FIELD {
+            fds = value.unwrap_or(0) as usize;
+        }
+        code != UNIX_FDS_FIELD
+    });
+    fds
+}
+
+fn has_sender_field(bytes: &[u8], endian: Endian) -> bool {
+    let mut found = false;
+    walk_fields(bytes, endian, |code, _| {
+        found = code == SENDER_FIELD;
+        !found
+    });
+    found
+}
+
+/// The message in `bytes` (which has no SENDER field) with one naming `sender` added after its
+/// other header fields: the bus's stamp, put in while the bytes are copied anyway, so that the
+/// message is parsed once and never copied again.
+fn add_sender_field(bytes: &[u8], endian: Endian, sender: &str) -> Option<Vec<u8>> {
+    let fields_end = FIXED_HEADER + u32_at(bytes, 12, endian)? as usize;
+    let body = bytes.get(fields_end.next_multiple_of(8)..)?;
+    let field_start = fields_end.next_multiple_of(8);
+    let new_fields_end = field_start + 8 + sender.len() + 1;
+    let body_start = new_fields_end.next_multiple_of(8);
+    let write_u32 = |out: &mut Vec<u8>, value: usize| {
+        let value = value as u32;
+        out.extend_from_slice(&match endian {
+            Endian::Little => value.to_le_bytes(),
+            Endian::Big => value.to_be_bytes(),
+        });
+    };
+    let mut out = Vec::with_capacity(body_start + body.len());
+    out.extend_from_slice(&bytes[..12]);
+    write_u32(&mut out, new_fields_end - FIXED_HEADER);
+    out.extend_from_slice(bytes.get(FIXED_HEADER..fields_end)?);
+    out.resize(field_start, 0);
+    // The field: its code, the signature of its value ("s"), then the string.
+    out.extend_from_slice(&[SENDER_FIELD, 1, b's', 0]);
+    write_u32(&mut out, sender.len());
+    out.extend_from_slice(sender.as_bytes());
+    out.push(0);
+    out.resize(body_start, 0);
+    out.extend_from_slice(body);
+    Some(out)
+}
+
+/// A message as read, and whether the reader already stamped the connection's name as its
+/// sender.
+pub struct Incoming {
+    pub msg: Message,
+    pub stamped: bool,
 }
 
 /// The size limits that reading enforces.
@@ -428,6 +508,10 @@ mod tests {
         }
     }
 
+    fn reader() -> FrameReader {
+        FrameReader::new(":1.7".into(), Vec::new())
+    }
+
     fn call() -> Message {
         Message::method_call("/a", "Ping")
             .interface("org.example.I")
@@ -440,7 +524,7 @@ mod tests {
     fn cuts_messages_split_at_any_byte() {
         let bytes = [call().data().bytes(), call().data().bytes()].concat();
         for cut in 0..bytes.len() {
-            let mut reader = FrameReader::default();
+            let mut reader = reader();
             let mut out = Vec::new();
             reader
                 .take_messages(&bytes[..cut], &limits(), &mut out)
@@ -455,15 +539,14 @@ mod tests {
 
     #[test]
     fn rejects_garbage_and_oversized_messages() {
-        let mut reader = FrameReader::default();
-        let err = reader
+        let err = reader()
             .take_messages(&[b'x'; 32], &limits(), &mut Vec::new())
             .unwrap_err();
         assert!(err.to_string().contains("endianness"));
 
         let mut big = call().data().bytes().to_vec();
         big[4..8].copy_from_slice(&(200u32 << 20).to_le_bytes());
-        let err = FrameReader::default()
+        let err = reader()
             .take_messages(&big, &limits(), &mut Vec::new())
             .unwrap_err();
         assert!(err.to_string().contains("exceeds"), "{err}");
@@ -475,7 +558,7 @@ mod tests {
         // The string's length field is the first 4 bytes of the body; make it run past the end.
         let body_start = bytes.len() - 16;
         bytes[body_start..body_start + 4].copy_from_slice(&1000u32.to_le_bytes());
-        let err = FrameReader::default()
+        let err = reader()
             .take_messages(&bytes, &limits(), &mut Vec::new())
             .unwrap_err();
         assert!(err.to_string().contains("bad body"), "{err}");
@@ -490,7 +573,7 @@ mod tests {
         let bytes = msg.data().bytes();
         assert_eq!(declared_fds(bytes, Endian::Little), 1);
 
-        let err = FrameReader::default()
+        let err = reader()
             .take_messages(bytes, &limits(), &mut Vec::new())
             .unwrap_err();
         assert!(
@@ -499,13 +582,55 @@ mod tests {
             "{err}"
         );
 
-        let mut reader = FrameReader::default();
+        let mut reader = reader();
         reader
             .fds
             .push_back(OwnedFd::from(file.try_clone().unwrap()));
         let mut out = Vec::new();
         reader.take_messages(bytes, &limits(), &mut out).unwrap();
-        assert_eq!(out[0].data().fds().len(), 1);
+        assert_eq!(out[0].msg.data().fds().len(), 1);
         assert!(reader.fds.is_empty());
+    }
+
+    #[test]
+    fn stamps_the_sender_while_copying() {
+        let mut out = Vec::new();
+        reader()
+            .take_messages(call().data().bytes(), &limits(), &mut out)
+            .unwrap();
+        let Incoming { msg, stamped } = &out[0];
+        assert!(stamped);
+        assert_eq!(msg.header().sender().unwrap().as_str(), ":1.7");
+        assert_eq!(
+            msg.body().deserialize::<(String, u32)>().unwrap(),
+            ("hello".into(), 42)
+        );
+        assert_eq!(msg.header().member().unwrap().as_str(), "Ping");
+
+        // Big-endian, and a body that needs no padding change.
+        let be = Message::signal("/p", "a.B", "C")
+            .endian(Endian::Big)
+            .build(&(7u8,))
+            .unwrap();
+        let mut out = Vec::new();
+        reader()
+            .take_messages(be.data().bytes(), &limits(), &mut out)
+            .unwrap();
+        assert_eq!(out[0].msg.header().sender().unwrap().as_str(), ":1.7");
+        assert_eq!(out[0].msg.body().deserialize::<u8>().unwrap(), 7);
+    }
+
+    #[test]
+    fn leaves_a_forged_sender_for_the_bus_to_replace() {
+        let forged = Message::signal("/p", "a.B", "C")
+            .sender(":1.99")
+            .build(&())
+            .unwrap();
+        let mut out = Vec::new();
+        reader()
+            .take_messages(forged.data().bytes(), &limits(), &mut out)
+            .unwrap();
+        assert!(!out[0].stamped);
+        assert_eq!(out[0].msg.header().sender().unwrap().as_str(), ":1.99");
     }
 }

@@ -210,8 +210,8 @@ impl Bus {
         self.peers.get(&id).map(|p| p.unique.as_str())
     }
 
-    /// Handles one message a peer sent.
-    pub fn dispatch(&mut self, from: PeerId, msg: Message) {
+    /// Handles one message a peer sent; `stamped`: its sender field already names the peer.
+    pub fn dispatch(&mut self, from: PeerId, msg: Message, stamped: bool) {
         let Some(peer) = self.peers.get(&from) else {
             return;
         };
@@ -225,7 +225,12 @@ impl Bus {
             self.disconnect(from);
             return;
         }
-        let msg = match stamp_sender(&msg, &peer.unique) {
+        let stamped = if stamped {
+            Ok(msg)
+        } else {
+            stamp_sender(&msg, &peer.unique)
+        };
+        let msg = match stamped {
             Ok(msg) => msg,
             Err(e) => {
                 warn!(peer = %peer.unique, "disconnecting: cannot stamp sender: {e}");
