@@ -194,6 +194,16 @@ where
     serial
 }
 
+/// Sends a call to the bus driver without waiting; returns its serial.
+fn send_driver_call<B>(c: &mut RawClient, member: &str, body: &B) -> NonZeroU32
+where
+    B: Serialize + DynamicType,
+{
+    let driver = "org.freedesktop.DBus";
+    let method = ("/org/freedesktop/DBus", driver, member);
+    send_call(c, driver, method, body, Flags::empty())
+}
+
 /// Calls `member` of the echo interface on `dest`.
 fn call_echo_iface<B>(
     c: &mut RawClient,
@@ -574,14 +584,7 @@ fn messages_queued_while_starting_reach_the_new_owner_in_order() {
     assert_eq!(bus.spawned(name).len(), 1);
 
     let mut owner = bus.client();
-    let serial = owner.next_serial();
-    let request = Message::method_call("/org/freedesktop/DBus", "RequestName")
-        .interface("org.freedesktop.DBus")
-        .destination("org.freedesktop.DBus")
-        .serial(serial)
-        .build(&(name, 0u32))
-        .expect("RequestName");
-    owner.send(&request);
+    let serial = send_driver_call(&mut owner, "RequestName", &(name, 0u32));
     // The held calls may come before or after the reply to RequestName.
     let mut received = Vec::new();
     let mut replied = false;
@@ -728,14 +731,7 @@ fn a_service_exiting_before_taking_its_name_fails_every_waiting_caller_with_chil
     let first = send_call(&mut a, name, echo_call, &("1",), Flags::empty());
     let second = send_call(&mut a, name, echo_call, &("2",), Flags::empty());
     sync(&mut a);
-    let start = b.next_serial();
-    let start_call = Message::method_call("/org/freedesktop/DBus", "StartServiceByName")
-        .interface("org.freedesktop.DBus")
-        .destination("org.freedesktop.DBus")
-        .serial(start)
-        .build(&(name, 0u32))
-        .expect("StartServiceByName");
-    b.send(&start_call);
+    let start = send_driver_call(&mut b, "StartServiceByName", &(name, 0u32));
     sync(&mut b);
 
     let opened = Instant::now();
