@@ -29,6 +29,11 @@ impl Broker {
 
     /// Starts `broker --session` on a socket in a fresh directory, with extra arguments.
     pub fn start_with(extra: &[&str]) -> Broker {
+        Broker::start_with_env(extra, &[])
+    }
+
+    /// Like `start_with`, with `env` added to the broker's environment.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("bus");
         let log = dir.path().join("broker.log");
@@ -39,6 +44,7 @@ impl Broker {
             .args(extra)
             .env("BROKER_LOG", "debug")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
