@@ -191,9 +191,11 @@ impl Supervisor {
     }
 }
 
-/// The live direct children of this process (zombies excluded), found by
-/// scanning `/proc/*/stat` for our pid as parent. Activation uses it to tell
-/// whether a service that daemonized still has processes running.
+/// The direct children of this process not yet reaped, found by scanning
+/// `/proc/*/stat` for our pid as parent. Activation uses it to tell whether a
+/// service that daemonized still has processes. Zombies count: one that forked
+/// and exited during the scan may have a child the listing missed, and its
+/// reap, still to come, triggers another look.
 pub fn children() -> io::Result<Vec<u32>> {
     let me = std::process::id();
     let mut found = Vec::new();
@@ -206,22 +208,22 @@ pub fn children() -> io::Result<Vec<u32>> {
             continue;
         };
         // A process may vanish between the listing and the read: skip it.
-        if live_parent(pid) == Some(me) {
+        if parent_of(pid) == Some(me) {
             found.push(pid);
         }
     }
     Ok(found)
 }
 
-/// The parent of `pid` if it is alive (not a zombie), from `/proc/<pid>/stat`.
-fn live_parent(pid: u32) -> Option<u32> {
+/// The parent of `pid` unless it is already gone, from `/proc/<pid>/stat`.
+fn parent_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
     let after_comm = stat.get(stat.rfind(')')? + 1..)?;
     let mut fields = after_comm.split_whitespace();
     let state = fields.next()?;
     let parent = fields.next()?.parse().ok()?;
-    (state != "Z" && state != "X").then_some(parent)
+    (state != "X").then_some(parent)
 }
 
 /// The pidfd of the process at the other end of a Unix socket, as of its
