@@ -1294,3 +1294,31 @@ fn removing_the_file_of_a_running_or_starting_service_does_not_disturb_it() {
     assert_eq!(reply.body().deserialize::<String>().expect("s"), "held");
     assert_eq!(bus.spawned(starting).len(), 1);
 }
+
+#[test]
+fn messages_held_for_a_starting_service_are_bounded() {
+    let files = Files::new();
+    let name = "org.test.fail.Slow";
+    files.toml("slow.toml", name, &["/bin/sleep", "30"], "");
+    let bus = files.start_with(&[LONG_START_TIMEOUT], &[]);
+    let mut c = bus.client();
+    let payload = vec![0u8; 1 << 20];
+    let serials: Vec<NonZeroU32> = (0..20)
+        .map(|_| {
+            send_call(
+                &mut c,
+                name,
+                ("/", "org.test.Slow", "Take"),
+                &(payload.as_slice(),),
+                Flags::empty(),
+            )
+        })
+        .collect();
+    // 16 MiB are held; the calls beyond are refused at once rather than kept.
+    let err = c.reply_to(serials[19]).expect_err("the 20th MiB was held");
+    assert_eq!(
+        error_name(&err),
+        "org.freedesktop.DBus.Error.LimitsExceeded"
+    );
+    assert_eq!(bus.spawned(name).len(), 1);
+}

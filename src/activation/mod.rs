@@ -55,6 +55,16 @@ pub enum Waiter {
     Start { from: PeerId, call: Message },
 }
 
+impl Waiter {
+    /// The held message or call.
+    pub fn message(&self) -> &Message {
+        match self {
+            Waiter::Deliver { msg, .. } => msg,
+            Waiter::Start { call, .. } => call,
+        }
+    }
+}
+
 /// A start in progress.
 pub struct Pending {
     pub service: ServiceFile,
@@ -65,6 +75,8 @@ pub struct Pending {
     /// The spawned process exited 0 before the name was taken: it may have daemonized.
     pub daemonized: bool,
     pub waiters: Vec<Waiter>,
+    /// The size of the messages in `waiters`.
+    pub held_bytes: usize,
 }
 
 /// Why a start failed: a D-Bus error name and its message.
@@ -236,6 +248,7 @@ impl Activation {
             generation,
             daemonized: false,
             waiters: Vec::new(),
+            held_bytes: 0,
         };
         Ok(self
             .pending

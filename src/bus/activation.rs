@@ -26,15 +26,30 @@ pub enum CoreEvent {
     Reload(&'static str),
 }
 
+/// How much the messages held for one starting service may take, so that a client cannot make
+/// the bus hold without bound what it sends to a service that is slow to start.
+const MAX_HELD_BYTES: usize = 16 << 20;
+
 impl Bus {
     /// Makes `waiter` wait for `name`'s service, starting it unless a start is in progress.
     pub fn activate(&mut self, name: &str, waiter: Waiter) {
         if let Some(pending) = self.activation.pending.get_mut(name) {
+            let size = waiter.message().data().len();
+            if pending.held_bytes + size > MAX_HELD_BYTES {
+                let failure = StartFailure {
+                    error: "org.freedesktop.DBus.Error.LimitsExceeded",
+                    text: format!("Too many messages are waiting for {name} to start"),
+                };
+                self.fail_waiters(vec![waiter], &failure);
+                return;
+            }
+            pending.held_bytes += size;
             pending.waiters.push(waiter);
             return;
         }
         match self.activation.start(name) {
             Ok(pending) => {
+                pending.held_bytes = waiter.message().data().len();
                 pending.waiters.push(waiter);
                 let (generation, pid) = (pending.generation, pending.pid);
                 let timeout = pending
