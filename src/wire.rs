@@ -409,8 +409,10 @@ pub struct Outbox {
     bytes: usize,
 }
 
-/// How many messages one `sendmsg` call covers at most.
-const MAX_IOVECS: usize = 64;
+/// How many messages one `sendmsg` call covers at most: Linux's IOV_MAX. A broadcast burst or a
+/// pipelined client fills a receiver's queue with many small messages, and each write that takes
+/// more of them is one wakeup less for the receiver.
+const MAX_IOVECS: usize = 1024;
 
 impl Outbox {
     pub fn is_empty(&self) -> bool {
