@@ -13,7 +13,9 @@ use tracing::{debug, warn};
 
 use crate::auth::{self, AuthPolicy};
 use crate::bus::{Bus, Conn, Credentials, PeerId};
-use crate::wire::{FrameLimits, FrameReader, Incoming, WireError};
+use zbus::Message;
+
+use crate::wire::{FrameLimits, FrameReader, WireError};
 
 /// How many reads one connection may do before the others get their turn.
 const READS_PER_TURN: usize = 16;
@@ -148,7 +150,7 @@ fn read_turn(
     conn: &Conn,
     id: PeerId,
     reader: &mut FrameReader,
-    batch: &mut Vec<Incoming>,
+    batch: &mut Vec<Message>,
 ) -> Result<(), WireError> {
     for _ in 0..READS_PER_TURN {
         let fd = conn.stream.as_raw_fd();
@@ -182,13 +184,13 @@ fn read_turn(
 }
 
 /// Hands each message to the bus core, then writes what it queued.
-fn dispatch(shared: &Shared, id: PeerId, batch: &mut Vec<Incoming>) {
+fn dispatch(shared: &Shared, id: PeerId, batch: &mut Vec<Message>) {
     if batch.is_empty() {
         return;
     }
     let mut bus = shared.bus.borrow_mut();
-    for Incoming { msg, stamped } in batch.drain(..) {
-        bus.dispatch(id, msg, stamped);
+    for msg in batch.drain(..) {
+        bus.dispatch(id, msg);
     }
     drop(bus);
     shared.schedule_flush();

@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
+use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
@@ -102,7 +103,7 @@ impl FrameReader {
         fd: RawFd,
         scratch: &mut Vec<u8>,
         limits: &FrameLimits,
-        out: &mut Vec<Incoming>,
+        out: &mut Vec<Message>,
     ) -> Result<bool, WireError> {
         if let Some(missing) = self.missing_bytes(limits)?.filter(|&m| m > READ_CHUNK) {
             return self.read_large(fd, missing, limits, out);
@@ -128,7 +129,7 @@ impl FrameReader {
         fd: RawFd,
         missing: usize,
         limits: &FrameLimits,
-        out: &mut Vec<Incoming>,
+        out: &mut Vec<Message>,
     ) -> Result<bool, WireError> {
         self.partial.reserve_exact(missing);
         let spare = &mut self.partial.spare_capacity_mut()[..missing];
@@ -149,7 +150,7 @@ impl FrameReader {
     pub fn drain_leftover(
         &mut self,
         limits: &FrameLimits,
-        out: &mut Vec<Incoming>,
+        out: &mut Vec<Message>,
     ) -> Result<(), WireError> {
         let partial = std::mem::take(&mut self.partial);
         self.take_messages(&partial, limits, out)
@@ -159,7 +160,7 @@ impl FrameReader {
         &mut self,
         mut data: &[u8],
         limits: &FrameLimits,
-        out: &mut Vec<Incoming>,
+        out: &mut Vec<Message>,
     ) -> Result<(), WireError> {
         if !self.partial.is_empty() {
             data = self.complete_partial(data, limits, out)?;
@@ -183,7 +184,7 @@ impl FrameReader {
         &mut self,
         mut data: &'d [u8],
         limits: &FrameLimits,
-        out: &mut Vec<Incoming>,
+        out: &mut Vec<Message>,
     ) -> Result<&'d [u8], WireError> {
         if self.partial.len() < FIXED_HEADER {
             let take = (FIXED_HEADER - self.partial.len()).min(data.len());
@@ -205,9 +206,9 @@ impl FrameReader {
         Ok(&data[take..])
     }
 
-    /// Checks one whole message: header, then body against its signature. A message without a
-    /// SENDER field gets the connection's name as it is copied.
-    fn parse(&mut self, bytes: &[u8], limits: &FrameLimits) -> Result<Incoming, WireError> {
+    /// Checks one whole message, stamped with the connection's name as it is copied: header, then
+    /// body against its signature.
+    fn parse(&mut self, bytes: &[u8], limits: &FrameLimits) -> Result<Message, WireError> {
         let endian = if bytes[0] == b'B' {
             Endian::Big
         } else {
@@ -226,15 +227,9 @@ impl FrameReader {
                 self.fds.len()
             )));
         }
-        let stamped = match has_sender_field(bytes, endian) {
-            false => add_sender_field(bytes, endian, &self.sender)
-                .filter(|b| b.len() <= limits.max_message_size),
-            true => None,
-        };
-        let (bytes, stamped) = match stamped {
-            Some(b) => (b, true),
-            None => (bytes.to_vec(), false),
-        };
+        let bytes = stamp(bytes, endian, &self.sender)
+            .filter(|b| b.len() <= limits.max_message_size)
+            .unwrap_or_else(|| bytes.to_vec());
         let fds: Vec<OwnedFd> = self.fds.drain(..nfds).collect();
         let data = Data::new_fds(bytes, Context::new(endian, 0), fds);
         // SAFETY: `from_bytes` checks the header itself; the body is checked right below, before
@@ -244,7 +239,7 @@ impl FrameReader {
         msg.body()
             .validate()
             .map_err(|e| invalid(format!("bad body: {e}")))?;
-        Ok(Incoming { msg, stamped })
+        Ok(msg)
     }
 }
 
@@ -285,6 +280,8 @@ fn recv(
 /// Header field codes the reader looks at before the header is checked properly.
 const SENDER_FIELD: u8 = 7;
 const UNIX_FDS_FIELD: u8 = 9;
+/// The highest field code the specification defines.
+const MAX_KNOWN_FIELD: u8 = 9;
 
 fn u32_at(bytes: &[u8], at: usize, endian: Endian) -> Option<u32> {
     let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
@@ -294,12 +291,17 @@ fn u32_at(bytes: &[u8], at: usize, endian: Endian) -> Option<u32> {
     })
 }
 
-/// Walks the header fields of a message, calling `f` with each field's code and, for a `u32`
-/// field, its value, until `f` returns false. The header is checked properly later; a
-/// malformed one here just ends the walk.
-fn walk_fields(bytes: &[u8], endian: Endian, mut f: impl FnMut(u8, Option<u32>) -> bool) {
+/// Walks the header fields of a message, calling `f` with each field's code, its value if it is
+/// a `u32`, and the bytes of the whole field, until `f` returns false. Returns false if the walk
+/// met a field it cannot read. The header is checked properly later; here a malformed one just
+/// ends the walk.
+fn walk_fields(
+    bytes: &[u8],
+    endian: Endian,
+    mut f: impl FnMut(u8, Option<u32>, Range<usize>) -> bool,
+) -> bool {
     let Some(fields_len) = u32_at(bytes, 12, endian) else {
-        return;
+        return false;
     };
     let end = (FIXED_HEADER + fields_len as usize).min(bytes.len());
     let mut at = FIXED_HEADER;
@@ -324,19 +326,20 @@ fn walk_fields(bytes: &[u8], endian: Endian, mut f: impl FnMut(u8, Option<u32>) 
                 value_at + 1 + *bytes.get(value_at).unwrap_or(&0) as usize + 1,
                 None,
             ),
-            _ => return,
+            _ => return false,
         };
-        if !f(code, value) {
-            return;
+        if value_end > end || !f(code, value, at..value_end) {
+            return value_end <= end;
         }
         at = value_end.next_multiple_of(8);
     }
+    true
 }
 
 /// The value of the UNIX_FDS header field, 0 if there is none.
 fn declared_fds(bytes: &[u8], endian: Endian) -> usize {
     let mut fds = 0;
-    walk_fields(bytes, endian, |code, value| {
+    walk_fields(bytes, endian, |code, value, _| {
         if code == UNIX_FDS_FIELD {
             fds = value.unwrap_or(0) as usize;
         }
@@ -345,24 +348,15 @@ fn declared_fds(bytes: &[u8], endian: Endian) -> usize {
     fds
 }
 
-fn has_sender_field(bytes: &[u8], endian: Endian) -> bool {
-    let mut found = false;
-    walk_fields(bytes, endian, |code, _| {
-        found = code == SENDER_FIELD;
-        !found
-    });
-    found
-}
-
-/// The message in `bytes` (which has no SENDER field) with one naming `sender` added after its
-/// other header fields: the bus's stamp, put in while the bytes are copied anyway, so that the
-/// message is parsed once and never copied again.
-fn add_sender_field(bytes: &[u8], endian: Endian, sender: &str) -> Option<Vec<u8>> {
+/// The message in `bytes` with the bus's stamp: a SENDER field naming `sender` in place of any
+/// the client wrote, and without the header fields the specification does not define (it asks
+/// that they be ignored; passing them on is what it leaves open, and dropping them keeps every
+/// receiver's parser happy). It is built while the bytes are copied anyway, so that the message
+/// is parsed once and never copied again. `None` if a field cannot be read: the header is then
+/// refused by the real parser.
+fn stamp(bytes: &[u8], endian: Endian, sender: &str) -> Option<Vec<u8>> {
     let fields_end = FIXED_HEADER + u32_at(bytes, 12, endian)? as usize;
     let body = bytes.get(fields_end.next_multiple_of(8)..)?;
-    let field_start = fields_end.next_multiple_of(8);
-    let new_fields_end = field_start + 8 + sender.len() + 1;
-    let body_start = new_fields_end.next_multiple_of(8);
     let write_u32 = |out: &mut Vec<u8>, value: usize| {
         let value = value as u32;
         out.extend_from_slice(&match endian {
@@ -370,26 +364,33 @@ fn add_sender_field(bytes: &[u8], endian: Endian, sender: &str) -> Option<Vec<u8
             Endian::Big => value.to_be_bytes(),
         });
     };
-    let mut out = Vec::with_capacity(body_start + body.len());
+    let mut out = Vec::with_capacity(fields_end + 16 + sender.len() + body.len());
     out.extend_from_slice(&bytes[..12]);
-    write_u32(&mut out, new_fields_end - FIXED_HEADER);
-    out.extend_from_slice(bytes.get(FIXED_HEADER..fields_end)?);
-    out.resize(field_start, 0);
-    // The field: its code, the signature of its value ("s"), then the string.
+    write_u32(&mut out, 0); // the length of the fields, known at the end
+    // Each field starts on an 8-byte boundary in both messages, so copied whole it stays aligned.
+    let complete = walk_fields(bytes, endian, |code, _, field| {
+        if (1..=MAX_KNOWN_FIELD).contains(&code) && code != SENDER_FIELD {
+            out.resize(out.len().next_multiple_of(8), 0);
+            out.extend_from_slice(&bytes[field]);
+        }
+        true
+    });
+    if !complete {
+        return None;
+    }
+    out.resize(out.len().next_multiple_of(8), 0);
     out.extend_from_slice(&[SENDER_FIELD, 1, b's', 0]);
     write_u32(&mut out, sender.len());
     out.extend_from_slice(sender.as_bytes());
     out.push(0);
-    out.resize(body_start, 0);
+    let fields_len = out.len() - FIXED_HEADER;
+    out[12..16].copy_from_slice(&match endian {
+        Endian::Little => (fields_len as u32).to_le_bytes(),
+        Endian::Big => (fields_len as u32).to_be_bytes(),
+    });
+    out.resize(out.len().next_multiple_of(8), 0);
     out.extend_from_slice(body);
     Some(out)
-}
-
-/// A message as read, and whether the reader already stamped the connection's name as its
-/// sender.
-pub struct Incoming {
-    pub msg: Message,
-    pub stamped: bool,
 }
 
 /// The size limits that reading enforces.
@@ -590,7 +591,7 @@ mod tests {
             .push_back(OwnedFd::from(file.try_clone().unwrap()));
         let mut out = Vec::new();
         reader.take_messages(bytes, &limits(), &mut out).unwrap();
-        assert_eq!(out[0].msg.data().fds().len(), 1);
+        assert_eq!(out[0].data().fds().len(), 1);
         assert!(reader.fds.is_empty());
     }
 
@@ -600,16 +601,16 @@ mod tests {
         reader()
             .take_messages(call().data().bytes(), &limits(), &mut out)
             .unwrap();
-        let Incoming { msg, stamped } = &out[0];
-        assert!(stamped);
+        let msg = &out[0];
         assert_eq!(msg.header().sender().unwrap().as_str(), ":1.7");
         assert_eq!(
             msg.body().deserialize::<(String, u32)>().unwrap(),
             ("hello".into(), 42)
         );
         assert_eq!(msg.header().member().unwrap().as_str(), "Ping");
+        assert_eq!(msg.header().destination().unwrap().as_str(), "org.example");
 
-        // Big-endian, and a body that needs no padding change.
+        // Big-endian too.
         let be = Message::signal("/p", "a.B", "C")
             .endian(Endian::Big)
             .build(&(7u8,))
@@ -618,21 +619,42 @@ mod tests {
         reader()
             .take_messages(be.data().bytes(), &limits(), &mut out)
             .unwrap();
-        assert_eq!(out[0].msg.header().sender().unwrap().as_str(), ":1.7");
-        assert_eq!(out[0].msg.body().deserialize::<u8>().unwrap(), 7);
+        assert_eq!(out[0].header().sender().unwrap().as_str(), ":1.7");
+        assert_eq!(out[0].body().deserialize::<u8>().unwrap(), 7);
     }
 
     #[test]
-    fn leaves_a_forged_sender_for_the_bus_to_replace() {
+    fn replaces_a_forged_sender() {
         let forged = Message::signal("/p", "a.B", "C")
             .sender(":1.99")
-            .build(&())
+            .build(&("x",))
             .unwrap();
         let mut out = Vec::new();
         reader()
             .take_messages(forged.data().bytes(), &limits(), &mut out)
             .unwrap();
-        assert!(!out[0].stamped);
-        assert_eq!(out[0].msg.header().sender().unwrap().as_str(), ":1.99");
+        assert_eq!(out[0].header().sender().unwrap().as_str(), ":1.7");
+        assert_eq!(out[0].body().deserialize::<String>().unwrap(), "x");
+    }
+
+    #[test]
+    fn drops_header_fields_the_specification_does_not_define() {
+        // A signal with an extra field of code 42 (a string) inserted before the body.
+        let plain = Message::signal("/p", "a.B", "C").build(&("body",)).unwrap();
+        let bytes = plain.data().bytes();
+        let fields_end = 16 + u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+        let mut extra = bytes[..fields_end].to_vec();
+        extra.resize(fields_end.next_multiple_of(8), 0);
+        extra.extend_from_slice(&[42, 1, b's', 0, 3, 0, 0, 0, b'x', b'y', b'z', 0]);
+        let new_len = (extra.len() - 16) as u32;
+        extra[12..16].copy_from_slice(&new_len.to_le_bytes());
+        extra.resize(extra.len().next_multiple_of(8), 0);
+        extra.extend_from_slice(&bytes[fields_end.next_multiple_of(8)..]);
+
+        let mut out = Vec::new();
+        reader().take_messages(&extra, &limits(), &mut out).unwrap();
+        assert_eq!(out[0].header().member().unwrap().as_str(), "C");
+        assert_eq!(out[0].header().sender().unwrap().as_str(), ":1.7");
+        assert_eq!(out[0].body().deserialize::<String>().unwrap(), "body");
     }
 }

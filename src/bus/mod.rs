@@ -17,7 +17,6 @@ use tokio::sync::Notify;
 use tracing::{debug, warn};
 use zbus::Message;
 use zbus::message::{Flags, Type};
-use zbus::names::UniqueName;
 
 use crate::activation::{Activation, Waiter};
 use crate::match_rule::{Fields, MatchContext, MatchRule};
@@ -210,8 +209,8 @@ impl Bus {
         self.peers.get(&id).map(|p| p.unique.as_str())
     }
 
-    /// Handles one message a peer sent; `stamped`: its sender field already names the peer.
-    pub fn dispatch(&mut self, from: PeerId, msg: Message, stamped: bool) {
+    /// Handles one message a peer sent, already stamped with the peer's name by the reader.
+    pub fn dispatch(&mut self, from: PeerId, msg: Message) {
         let Some(peer) = self.peers.get(&from) else {
             return;
         };
@@ -225,19 +224,6 @@ impl Bus {
             self.disconnect(from);
             return;
         }
-        let stamped = if stamped {
-            Ok(msg)
-        } else {
-            stamp_sender(&msg, &peer.unique)
-        };
-        let msg = match stamped {
-            Ok(msg) => msg,
-            Err(e) => {
-                warn!(peer = %peer.unique, "disconnecting: cannot stamp sender: {e}");
-                self.disconnect(from);
-                return;
-            }
-        };
         let header = msg.header();
         let destination = header.destination().map(|d| d.as_str().to_owned());
         drop(header);
@@ -694,12 +680,6 @@ pub fn expects_reply(msg: &Message) -> bool {
     !msg.primary_header()
         .flags()
         .contains(Flags::NO_REPLY_EXPECTED)
-}
-
-/// Sets the sender field to the peer's unique name, replacing whatever the peer wrote there.
-fn stamp_sender(msg: &Message, unique: &str) -> zbus::Result<Message> {
-    let name = UniqueName::from_str_unchecked(unique);
-    msg.with_sender(&name)
 }
 
 /// A signal from the driver; `to` makes it unicast.
