@@ -27,11 +27,11 @@ pub struct Shared {
     pub scratch: RefCell<Vec<u8>>,
     /// Connections still in the handshake.
     pub incomplete: Cell<usize>,
+    /// At most this many connections may be in the handshake at once
+    /// (`max_incomplete_connections`), so that clients that connect and say nothing cannot
+    /// exhaust the bus's fds.
+    pub max_incomplete: usize,
 }
-
-/// At most this many connections may be in the handshake at once (dbus-daemon's session
-/// default), so that clients that connect and say nothing cannot exhaust the bus's fds.
-const MAX_INCOMPLETE: usize = 64;
 
 /// Counts a connection as incomplete while it lives.
 struct Incomplete<'a>(&'a Cell<usize>);
@@ -51,11 +51,12 @@ pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
             return;
         }
     };
-    if shared.incomplete.get() >= MAX_INCOMPLETE {
+    if shared.incomplete.get() >= shared.max_incomplete {
         warn!(
             pid = creds.pid,
             uid = creds.uid,
-            "refusing a connection: {MAX_INCOMPLETE} others are still authenticating"
+            "refusing a connection: {} others are still authenticating",
+            shared.max_incomplete
         );
         return;
     }

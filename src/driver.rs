@@ -92,7 +92,11 @@ impl Bus {
         match (interface, member) {
             (Some(PEER_IFACE), "Ping") => reply(msg, &()),
             (Some(PEER_IFACE), "GetMachineId") => reply(msg, &(self.machine_id.as_str(),)),
-            (Some(INTROSPECTABLE_IFACE), "Introspect") => reply(msg, &(introspect(msg),)),
+            (Some(INTROSPECTABLE_IFACE), "Introspect") => {
+                let header = msg.header();
+                let path = header.path().map_or("/", |p| p.as_str());
+                reply(msg, &(introspect(path),))
+            }
             (Some(PROPERTIES_IFACE), _) => self.properties(msg, member),
             (None | Some(DRIVER), _) => self.bus_method(from, msg, member),
             (Some(other), _) if !KNOWN_INTERFACES.contains(&other) => Err(fail(
@@ -121,10 +125,10 @@ impl Bus {
             }
             "GetNameOwner" => self.get_name_owner(msg),
             "UpdateActivationEnvironment" => self.update_activation_environment(from, msg),
-            "ReloadConfig" => {
-                self.reload_activation();
-                reply(msg, &())
-            }
+            "ReloadConfig" => match self.reload_config() {
+                Ok(()) => reply(msg, &()),
+                Err(e) => Err(fail("org.freedesktop.DBus.Error.Failed", e)),
+            },
             "AddMatch" => self.add_match(from, msg),
             "RemoveMatch" => self.remove_match(from, msg),
             "GetId" => reply(msg, &(self.guid.as_str(),)),
@@ -547,10 +551,8 @@ fn own_credentials() -> crate::bus::Credentials {
 }
 
 /// The introspection data for a path: the driver's interfaces at its own path and at `/`, and the
-/// nodes that lead to it.
-fn introspect(msg: &Message) -> String {
-    let header = msg.header();
-    let path = header.path().map(|p| p.as_str()).unwrap_or("/");
+/// nodes that lead to it. `broker --introspect` prints it for the driver's path.
+pub fn introspect(path: &str) -> String {
     let mut xml = String::from(
         "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n\
          \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n<node>\n",

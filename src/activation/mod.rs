@@ -165,6 +165,11 @@ impl Activation {
         activation
     }
 
+    /// Changes where activation files are read from (the next [`Activation::reload`] reads them).
+    pub fn set_dirs(&mut self, dirs: Vec<PathBuf>) {
+        self.dirs = dirs;
+    }
+
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
     }

@@ -5,11 +5,13 @@
 pub mod activation;
 mod match_index;
 pub mod names;
+pub mod settings;
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::cell::{Cell, RefCell};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::UnixStream;
@@ -20,6 +22,7 @@ use zbus::message::{Flags, Type};
 use zbus::names::UniqueName;
 
 use crate::activation::{Activation, Waiter};
+use crate::config::Policy;
 use crate::match_rule::{Fields, MatchContext, MatchRule};
 use crate::wire::Outbox;
 use activation::CoreEvent;
@@ -89,6 +92,14 @@ pub struct Limits {
     pub max_names_per_connection: usize,
     pub max_match_rules_per_connection: usize,
     pub max_replies_per_connection: usize,
+    /// A call not answered within this time gets `NoReply` (none: calls wait forever).
+    pub reply_timeout: Option<Duration>,
+    /// Authenticated connections of one uid.
+    pub max_connections_per_user: usize,
+    /// Authenticated connections in all.
+    pub max_completed_connections: usize,
+    /// Services being started at once.
+    pub max_pending_service_starts: usize,
 }
 
 impl Default for Limits {
@@ -100,6 +111,10 @@ impl Default for Limits {
             max_names_per_connection: 50_000,
             max_match_rules_per_connection: 50_000,
             max_replies_per_connection: 50_000,
+            reply_timeout: None,
+            max_connections_per_user: 100_000,
+            max_completed_connections: 100_000,
+            max_pending_service_starts: 10_000,
         }
     }
 }
@@ -139,6 +154,13 @@ pub struct Bus {
     /// Monitors and peers with eavesdropping rules: they see messages addressed to others.
     watchers: HashSet<PeerId>,
     pub activation: Activation,
+    /// The configuration's `<policy>` rules; none (a bus built without a configuration) lets
+    /// everything through.
+    pub policy: Option<Policy>,
+    /// The policy lets every message through: the per-message checks are skipped.
+    pub policy_open: bool,
+    /// Reads the configuration again for `ReloadConfig` and SIGHUP.
+    pub reloader: Option<settings::Reloader>,
     /// Where timers and watchers report back to the core.
     events: tokio::sync::mpsc::UnboundedSender<CoreEvent>,
 }
@@ -167,6 +189,9 @@ impl Bus {
             index: MatchIndex::default(),
             watchers: HashSet::default(),
             activation,
+            policy: None,
+            policy_open: true,
+            reloader: None,
             events,
         }
     }
