@@ -62,7 +62,15 @@ pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
     }
     shared.incomplete.set(shared.incomplete.get() + 1);
     let handshake = Incomplete(&shared.incomplete);
-    let authenticated = auth::authenticate(&stream, creds.uid, &shared.auth).await;
+    // EXTERNAL accepts the bus's own user and root; the policy's `user`/`group` rules may let
+    // this one in too.
+    let other_user = creds.uid != shared.auth.owner_uid && shared.bus.borrow().may_connect(&creds);
+    let policy = other_user.then(|| AuthPolicy {
+        owner_uid: creds.uid,
+        ..shared.auth.clone()
+    });
+    let policy = policy.as_ref().unwrap_or(&shared.auth);
+    let authenticated = auth::authenticate(&stream, creds.uid, policy).await;
     drop(handshake);
     let authenticated = match authenticated {
         Ok(a) => a,
@@ -76,6 +84,10 @@ pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
         }
     };
     let (pid, uid) = (creds.pid, creds.uid);
+    if let Err(why) = shared.bus.borrow().admit(&creds) {
+        warn!(pid, uid, "refusing a connection: {why}");
+        return;
+    }
     let conn = Conn::new(stream);
     let id = shared
         .bus

@@ -187,10 +187,20 @@ impl Bus {
     fn request_name(&mut self, from: PeerId, msg: &Message) -> Outcome {
         let (name, flags): (String, u32) = args(msg)?;
         let name = ownable_name(&name)?;
-        if self.names.count_for(from) >= self.limits.max_names_per_connection {
+        // As in dbus-daemon, the unique name counts as one.
+        if self.names.count_for(from) + 1 >= self.limits.max_names_per_connection {
             return Err(fail(
                 "org.freedesktop.DBus.Error.LimitsExceeded",
                 "The maximum number of names per connection has been reached",
+            ));
+        }
+        if !self.may_own(from, name) {
+            let unique = self.unique_name(from).unwrap_or_default();
+            return Err(fail(
+                "org.freedesktop.DBus.Error.AccessDenied",
+                format!(
+                    "Connection \"{unique}\" is not allowed to own the service \"{name}\" due to security policies in the configuration file"
+                ),
             ));
         }
         let (result, events) = self.names.request(name, from, flags);

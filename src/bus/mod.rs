@@ -5,6 +5,7 @@
 pub mod activation;
 mod match_index;
 pub mod names;
+mod security;
 pub mod settings;
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
@@ -264,6 +265,12 @@ impl Bus {
         match destination.as_deref() {
             Some(DRIVER) => {
                 self.copy_to_watchers(&msg, None);
+                // Before `Hello`, only `Hello` gets here; dbus-daemon lets it through.
+                let checked =
+                    !self.policy_open && self.peers.get(&from).is_some_and(|p| p.registered);
+                if checked && !self.allow_unicast(from, None, &msg) {
+                    return;
+                }
                 self.driver_call(from, &msg);
             }
             Some(dest) => self.unicast(from, msg, dest),
@@ -279,6 +286,9 @@ impl Bus {
             self.copy_to_watchers(&msg, None);
             let auto_start = !msg.primary_header().flags().contains(Flags::NO_AUTO_START);
             if auto_start && !dest.starts_with(':') && self.activation.is_activatable(dest) {
+                if !self.policy_open && !self.allow_unicast(from, None, &msg) {
+                    return;
+                }
                 self.activate(dest, Waiter::Deliver { from, msg });
             } else if msg_type == Type::MethodCall {
                 self.reply_unknown_destination(from, &msg, dest);
@@ -298,6 +308,11 @@ impl Bus {
                 "org.freedesktop.DBus.Error.NotSupported",
                 "Tried to send a message with Unix file descriptors to a client that does not support them",
             );
+            return;
+        }
+        if !self.policy_open && !self.allow_unicast(from, Some(to), &msg) {
+            // Monitors see what was refused, then the refusal.
+            self.copy_to_watchers(&msg, Some(to));
             return;
         }
         if msg_type == Type::MethodCall
@@ -420,6 +435,9 @@ impl Bus {
         drop(header);
         let recipients = self.matching_peers(msg, None, candidates);
         for to in recipients {
+            if !self.policy_open && !self.allow_copy(to, msg, false) {
+                continue;
+            }
             if !self.deliver(to, msg) {
                 if let Some(p) = self.peers.get(&to) {
                     warn!(receiver = %p.unique, "disconnecting: its outgoing queue is full and it does not read");
@@ -436,6 +454,9 @@ impl Bus {
         }
         let recipients = self.matching_peers(msg, addressed, self.watchers.iter().copied());
         for to in recipients {
+            if !self.policy_open && !self.allow_copy(to, msg, true) {
+                continue;
+            }
             // Watchers lose a copy rather than anyone losing the original.
             self.deliver(to, msg);
         }
