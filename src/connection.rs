@@ -203,13 +203,25 @@ fn peer_credentials(stream: &UnixStream) -> io::Result<Credentials> {
     Ok(Credentials {
         uid: cred.uid(),
         pid: u32::try_from(cred.pid()).unwrap_or(0),
-        gids: peer_groups(stream).unwrap_or_else(|| vec![cred.gid()]),
+        gids: peer_groups(stream, cred.gid()),
         security_label: None,
     })
 }
 
-/// `SO_PEERGROUPS` (Linux 4.13+): the peer's supplementary groups.
-fn peer_groups(stream: &UnixStream) -> Option<Vec<u32>> {
+/// The peer's primary group `gid` first, then its supplementary groups from `SO_PEERGROUPS`
+/// (Linux 4.13+), without repeats, as dbus-daemon reports them.
+fn peer_groups(stream: &UnixStream, gid: u32) -> Vec<u32> {
+    let mut gids = vec![gid];
+    for other in supplementary_groups(stream).unwrap_or_default() {
+        if !gids.contains(&other) {
+            gids.push(other);
+        }
+    }
+    gids
+}
+
+/// `SO_PEERGROUPS`: the peer's supplementary groups.
+fn supplementary_groups(stream: &UnixStream) -> Option<Vec<u32>> {
     let mut groups = vec![0u32; 64];
     let mut len = (groups.len() * 4) as nix::libc::socklen_t;
     // SAFETY: the buffer and its length describe valid, writable memory.

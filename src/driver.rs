@@ -62,6 +62,10 @@ impl Bus {
             self.hello(from, msg);
             return;
         }
+        if let Err(f) = self.check_path_and_privilege(from, msg, interface.as_deref(), &member) {
+            self.reply_error(from, msg, f.name, &f.text);
+            return;
+        }
         // These reply themselves: after a change of state, or once a service has started.
         let replied_itself = match (interface.as_deref(), member.as_str()) {
             (Some(MONITORING_IFACE), "BecomeMonitor") => Some(self.become_monitor(from, msg)),
@@ -80,6 +84,57 @@ impl Bus {
             Ok(_) => {}
             Err(f) => self.reply_error(from, msg, f.name, &f.text),
         }
+    }
+
+    /// As in dbus-daemon: the `Properties` and `Monitoring` interfaces exist only at the
+    /// driver's own path, `UpdateActivationEnvironment` works only there, and those two
+    /// reconfiguring methods are for the bus's own user (and root) only.
+    fn check_path_and_privilege(
+        &self,
+        from: PeerId,
+        msg: &Message,
+        interface: Option<&str>,
+        member: &str,
+    ) -> Result<(), Fail> {
+        let header = msg.header();
+        let path = header.path().map_or("/", |p| p.as_str());
+        let canonical = path == DRIVER_PATH;
+        let privileged = match interface {
+            Some(PROPERTIES_IFACE | MONITORING_IFACE) if !canonical => {
+                return Err(fail(
+                    "org.freedesktop.DBus.Error.UnknownInterface",
+                    format!(
+                        "{DRIVER} does not understand interface {} at path {path}",
+                        interface.unwrap_or_default()
+                    ),
+                ));
+            }
+            Some(MONITORING_IFACE) => member == "BecomeMonitor",
+            None | Some(DRIVER) if member == "UpdateActivationEnvironment" => {
+                if !canonical {
+                    return Err(fail(
+                        "org.freedesktop.DBus.Error.AccessDenied",
+                        format!(
+                            "Method '{member}' is only available at the canonical object path '{DRIVER_PATH}'"
+                        ),
+                    ));
+                }
+                true
+            }
+            _ => false,
+        };
+        let uid = self.peers.get(&from).map_or(u32::MAX, |p| p.creds.uid);
+        if privileged && uid != self.owner_uid && uid != 0 {
+            return Err(fail(
+                "org.freedesktop.DBus.Error.AccessDenied",
+                format!(
+                    "The caller does not have sufficient privileges to call {member}: uid {uid} \
+                     is neither root nor the bus's uid {}",
+                    self.owner_uid
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn driver_method(
@@ -124,7 +179,7 @@ impl Bus {
                 reply(msg, &(name == DRIVER || self.resolve(&name).is_some(),))
             }
             "GetNameOwner" => self.get_name_owner(msg),
-            "UpdateActivationEnvironment" => self.update_activation_environment(from, msg),
+            "UpdateActivationEnvironment" => self.update_activation_environment(msg),
             "ReloadConfig" => match self.reload_config() {
                 Ok(()) => reply(msg, &()),
                 Err(e) => Err(fail("org.freedesktop.DBus.Error.Failed", e)),
@@ -170,6 +225,20 @@ impl Bus {
             );
             return;
         }
+        let uid = peer.creds.uid;
+        if let Err(text) = self.complete_connection(uid) {
+            tracing::warn!(uid, "refusing Hello: {text}");
+            self.reply_error(
+                from,
+                msg,
+                "org.freedesktop.DBus.Error.LimitsExceeded",
+                &text,
+            );
+            return;
+        }
+        let Some(peer) = self.peers.get_mut(&from) else {
+            return;
+        };
         peer.registered = true;
         let unique = peer.unique.clone();
         debug!(peer = %unique, pid = peer.creds.pid, uid = peer.creds.uid, "client registered");
@@ -298,19 +367,9 @@ impl Bus {
         Ok(())
     }
 
-    /// `UpdateActivationEnvironment`, for the bus owner (and root) only.
-    fn update_activation_environment(&mut self, from: PeerId, msg: &Message) -> Outcome {
+    /// `UpdateActivationEnvironment` (the caller's privilege is checked before).
+    fn update_activation_environment(&mut self, msg: &Message) -> Outcome {
         let (vars,): (HashMap<String, String>,) = args(msg)?;
-        let uid = self.peers.get(&from).map_or(u32::MAX, |p| p.creds.uid);
-        if uid != self.owner_uid && uid != 0 {
-            return Err(fail(
-                "org.freedesktop.DBus.Error.AccessDenied",
-                format!(
-                    "uid {uid} may not change the activation environment of a bus owned by uid {}",
-                    self.owner_uid
-                ),
-            ));
-        }
         if let Some(bad) = vars
             .keys()
             .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
@@ -429,6 +488,12 @@ impl Bus {
                     args(msg)?;
                 if interface != DRIVER {
                     return Err(unknown_interface(&interface));
+                }
+                if !matches!(property.as_str(), "Features" | "Interfaces") {
+                    return Err(fail(
+                        "org.freedesktop.DBus.Error.UnknownProperty",
+                        format!("Interface {interface} has no property {property}"),
+                    ));
                 }
                 Err(fail(
                     "org.freedesktop.DBus.Error.PropertyReadOnly",

@@ -24,6 +24,12 @@ pub enum CoreEvent {
     OwnerExited { peer: PeerId },
     /// The activation files should be read again.
     Reload(&'static str),
+    /// `reply_timeout` has passed for the call `serial` that `caller` made to `callee`.
+    ReplyTimedOut {
+        caller: PeerId,
+        serial: u32,
+        callee: PeerId,
+    },
 }
 
 impl Bus {
@@ -115,6 +121,11 @@ impl Bus {
                 info!("reloading activation files: {why}");
                 self.reload_activation();
             }
+            CoreEvent::ReplyTimedOut {
+                caller,
+                serial,
+                callee,
+            } => self.send_no_reply(caller, serial, callee, super::NO_REPLY_TIMEOUT),
         }
     }
 

@@ -160,6 +160,8 @@ pub struct Bus {
     pub policy: Option<Policy>,
     /// The policy lets every message through: the per-message checks are skipped.
     pub policy_open: bool,
+    /// Connections that `Hello` completed, by uid.
+    completed_by_uid: HashMap<u32, usize>,
     /// Reads the configuration again for `ReloadConfig` and SIGHUP.
     pub reloader: Option<settings::Reloader>,
     /// Where timers and watchers report back to the core.
@@ -192,6 +194,7 @@ impl Bus {
             activation,
             policy: None,
             policy_open: true,
+            completed_by_uid: HashMap::default(),
             reloader: None,
             events,
         }
@@ -268,12 +271,13 @@ impl Bus {
                 // Before `Hello`, only `Hello` gets here; dbus-daemon lets it through.
                 let checked =
                     !self.policy_open && self.peers.get(&from).is_some_and(|p| p.registered);
-                if checked && !self.allow_unicast(from, None, &msg) {
+                if checked && !self.allow_message(from, None, &msg, false) {
                     return;
                 }
                 self.driver_call(from, &msg);
             }
             Some(dest) => self.unicast(from, msg, dest),
+            None if !self.policy_open && !self.allow_message(from, None, &msg, true) => {}
             None => self.broadcast(&msg),
         }
     }
@@ -286,7 +290,7 @@ impl Bus {
             self.copy_to_watchers(&msg, None);
             let auto_start = !msg.primary_header().flags().contains(Flags::NO_AUTO_START);
             if auto_start && !dest.starts_with(':') && self.activation.is_activatable(dest) {
-                if !self.policy_open && !self.allow_unicast(from, None, &msg) {
+                if !self.policy_open && !self.allow_message(from, None, &msg, false) {
                     return;
                 }
                 self.activate(dest, Waiter::Deliver { from, msg });
@@ -310,9 +314,7 @@ impl Bus {
             );
             return;
         }
-        if !self.policy_open && !self.allow_unicast(from, Some(to), &msg) {
-            // Monitors see what was refused, then the refusal.
-            self.copy_to_watchers(&msg, Some(to));
+        if !self.policy_open && !self.allow_message(from, Some(to), &msg, true) {
             return;
         }
         if msg_type == Type::MethodCall
@@ -354,6 +356,9 @@ impl Bus {
         caller.awaiting.insert(serial, to);
         if let Some(callee) = self.peers.get_mut(&to) {
             callee.owed.insert((from, serial));
+        }
+        if let Some(after) = self.limits.reply_timeout {
+            self.arm_reply_timer(from, serial, to, after);
         }
         true
     }
@@ -640,6 +645,7 @@ impl Bus {
         peer.conn.closing.set(true);
         peer.conn.wake.notify_one();
         let announced = peer.registered && !peer.monitor;
+        let completed = peer.registered.then_some(peer.creds.uid);
         // Unregistered, it receives nothing more, but its unique name still reads in the signals.
         peer.registered = false;
         if announced {
@@ -649,13 +655,16 @@ impl Bus {
             self.announce(events);
             self.broadcast_owner_changed(&unique, &unique, "");
         }
+        if let Some(uid) = completed {
+            self.connection_gone(uid);
+        }
         self.unindex_rules(id);
         let Some(peer) = self.peers.remove(&id) else {
             return;
         };
         self.watchers.remove(&id);
         for (caller, serial) in in_call_order(peer.owed) {
-            self.send_no_reply(caller, serial, id);
+            self.send_no_reply(caller, serial, id, NO_REPLY_DISCONNECTED);
         }
     }
 
@@ -666,7 +675,23 @@ impl Bus {
         }
     }
 
-    fn send_no_reply(&mut self, caller: PeerId, serial: u32, callee: PeerId) {
+    /// After `after`, the call `serial` of `caller` to `callee` gets `NoReply` unless it was
+    /// answered (one timer per call, only when `reply_timeout` is configured).
+    fn arm_reply_timer(&self, caller: PeerId, serial: u32, callee: PeerId, after: Duration) {
+        let events = self.events.clone();
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(after).await;
+            // The bus may be gone at shutdown; nothing is left to time out then.
+            let _ = events.send(CoreEvent::ReplyTimedOut {
+                caller,
+                serial,
+                callee,
+            });
+        });
+    }
+
+    /// Answers a pending call with `NoReply` and `text`, unless it was answered already.
+    fn send_no_reply(&mut self, caller: PeerId, serial: u32, callee: PeerId, text: &str) {
         let Some(peer) = self.peers.get_mut(&caller) else {
             return;
         };
@@ -675,7 +700,9 @@ impl Bus {
         }
         peer.awaiting.remove(&serial);
         let unique = peer.unique.clone();
-        let text = "Message recipient disconnected from message bus without replying";
+        if let Some(callee) = self.peers.get_mut(&callee) {
+            callee.owed.remove(&(caller, serial));
+        }
         match no_reply_error(serial, &unique, text) {
             Ok(msg) => self.send_from_driver(caller, &msg),
             Err(e) => warn!("cannot build NoReply: {e}"),
@@ -711,10 +738,15 @@ impl Bus {
         self.index.add(id, None, None);
         self.refresh_watcher(id);
         for (caller, serial) in in_call_order(owed) {
-            self.send_no_reply(caller, serial, id);
+            self.send_no_reply(caller, serial, id, NO_REPLY_DISCONNECTED);
         }
     }
 }
+
+const NO_REPLY_DISCONNECTED: &str =
+    "Message recipient disconnected from message bus without replying";
+/// dbus-daemon's words for a call that `reply_timeout` ended.
+const NO_REPLY_TIMEOUT: &str = "Message did not receive a reply (timeout by message bus)";
 
 /// Pending calls in the order they were made, so that their `NoReply` errors come in that order.
 fn in_call_order(calls: HashSet<(PeerId, u32)>) -> Vec<(PeerId, u32)> {

@@ -19,27 +19,43 @@ enum Direction {
 }
 
 impl Bus {
-    /// May a connection with `creds` join the bus? Refused past `max_completed_connections`,
-    /// past `max_connections_per_user`, or when no `user`/`group` rule lets its user in (root
-    /// always may). The error is the reason, for the log.
+    /// May a connection with `creds` join the bus? Refused when no `user`/`group` rule lets
+    /// its user in (root always may). The error is the reason, for the log.
     pub fn admit(&self, creds: &Credentials) -> Result<(), String> {
-        let peers = self.peers.len();
-        if peers >= self.limits.max_completed_connections {
-            return Err(format!(
-                "the maximum number of active connections ({peers}) has been reached"
-            ));
-        }
-        let of_user = self.connections_of_uid(creds.uid);
-        if of_user >= self.limits.max_connections_per_user {
-            return Err(format!(
-                "uid {} already has the maximum number of connections ({of_user})",
-                creds.uid
-            ));
-        }
         if !self.may_connect(creds) {
             return Err(format!("the policy does not let uid {} connect", creds.uid));
         }
         Ok(())
+    }
+
+    /// Counts a connection of `uid` that `Hello` completes, within `max_completed_connections`
+    /// and `max_connections_per_user`; past them, the `LimitsExceeded` text, as dbus-daemon
+    /// answers `Hello`.
+    pub fn complete_connection(&mut self, uid: u32) -> Result<(), String> {
+        let completed: usize = self.completed_by_uid.values().sum();
+        if completed >= self.limits.max_completed_connections {
+            return Err(format!(
+                "The maximum number of active connections ({completed}) has been reached"
+            ));
+        }
+        let of_user = self.completed_by_uid.entry(uid).or_default();
+        if *of_user >= self.limits.max_connections_per_user {
+            return Err(format!(
+                "The maximum number of active connections for UID {uid} ({of_user}) has been reached"
+            ));
+        }
+        *of_user += 1;
+        Ok(())
+    }
+
+    /// A completed connection of `uid` has gone.
+    pub(super) fn connection_gone(&mut self, uid: u32) {
+        if let Some(count) = self.completed_by_uid.get_mut(&uid) {
+            *count -= 1;
+            if *count == 0 {
+                self.completed_by_uid.remove(&uid);
+            }
+        }
     }
 
     /// The policy's `user`/`group` rules (without a configuration, anyone who authenticated).
@@ -51,10 +67,6 @@ impl Bus {
                 .is_none_or(|p| p.check_connect(creds.uid, &creds.gids, self.owner_uid))
     }
 
-    fn connections_of_uid(&self, uid: u32) -> usize {
-        self.peers.values().filter(|p| p.creds.uid == uid).count()
-    }
-
     /// May `id` own `name` (`<allow own>`/`own_prefix`)?
     pub fn may_own(&self, id: PeerId, name: &str) -> bool {
         let (Some(policy), Some(peer)) = (&self.policy, self.peers.get(&id)) else {
@@ -63,14 +75,16 @@ impl Bus {
         policy.check_own(name, peer.creds.uid, &peer.creds.gids)
     }
 
-    /// The send check of `from` and the receive check of `to` (none: the driver, or an unowned
-    /// name about to be activated) for a message with a destination. A refused message is
-    /// answered with `AccessDenied` and logged; the caller drops it.
-    pub(super) fn allow_unicast(
+    /// The send check of `from` and the receive check of `to` (none: the driver, an unowned
+    /// name about to be activated, or every recipient of a broadcast). A refused message is
+    /// logged, shown to the monitors when `show_monitors` (they have not seen it yet), and
+    /// answered with `AccessDenied`; the caller drops it.
+    pub(super) fn allow_message(
         &mut self,
         from: PeerId,
         to: Option<PeerId>,
         msg: &Message,
+        show_monitors: bool,
     ) -> bool {
         let header = msg.header();
         let facts = facts_of(&header, msg);
@@ -87,6 +101,9 @@ impl Bus {
         match refused {
             None => true,
             Some((direction, verdict)) => {
+                if show_monitors {
+                    self.copy_to_monitors(msg);
+                }
                 self.refuse(from, to, msg, direction, verdict);
                 false
             }
@@ -199,7 +216,27 @@ impl Bus {
         } else {
             debug!("{text}");
         }
-        self.reply_error(from, msg, ACCESS_DENIED, &text);
+        // Like dbus-daemon, a refused signal is answered too, unless it says it wants no reply.
+        if !super::expects_reply(msg) {
+            return;
+        }
+        match super::driver_error(msg, ACCESS_DENIED, &text) {
+            Ok(error) => self.send_from_driver(from, &error),
+            Err(e) => warn!("cannot build AccessDenied: {e}"),
+        }
+    }
+
+    /// Shows `msg` to the monitors whose rules match it.
+    fn copy_to_monitors(&mut self, msg: &Message) {
+        let monitors: Vec<PeerId> = self
+            .watchers
+            .iter()
+            .copied()
+            .filter(|id| self.peers.get(id).is_some_and(|p| p.monitor))
+            .collect();
+        for to in self.matching_peers(msg, None, monitors) {
+            self.deliver(to, msg);
+        }
     }
 }
 
