@@ -439,8 +439,10 @@ impl Bus {
         );
         drop(header);
         let recipients = self.matching_peers(msg, None, candidates);
+        let mut refused = None;
         for to in recipients {
             if !self.policy_open && !self.allow_copy(to, msg, false) {
+                refused.get_or_insert(to);
                 continue;
             }
             if !self.deliver(to, msg) {
@@ -449,6 +451,9 @@ impl Bus {
                 }
                 self.disconnect(to);
             }
+        }
+        if let Some(to) = refused {
+            self.report_refused_copy(to, msg);
         }
     }
 
@@ -570,6 +575,9 @@ impl Bus {
     /// Delivers a message from the driver to one peer, showing it to monitors too.
     pub fn send_from_driver(&mut self, to: PeerId, msg: &Message) {
         self.copy_to_watchers(msg, Some(to));
+        if !self.policy_open && !self.allow_from_driver(to, msg) {
+            return;
+        }
         if !self.deliver(to, msg) {
             warn!(
                 peer = to,

@@ -134,6 +134,57 @@ impl Bus {
         allowed
     }
 
+    /// After a broadcast: the policy kept it from `to` (the first recipient it was kept from),
+    /// and dbus-daemon tells the sender so once.
+    pub(super) fn report_refused_copy(&mut self, to: PeerId, msg: &Message) {
+        let header = msg.header();
+        let Some(from) = header
+            .sender()
+            .filter(|s| s.as_str() != DRIVER)
+            .and_then(|s| super::peer_id_of(s.as_str()))
+        else {
+            return;
+        };
+        let facts = facts_of(&header, msg);
+        let send = self.send_verdict(from, Some(to), &facts);
+        let refusal = if send.allowed {
+            (
+                Direction::Receive,
+                self.receive_verdict(Some(from), to, &facts, false),
+            )
+        } else {
+            (Direction::Send, send)
+        };
+        drop(header);
+        self.refuse(from, Some(to), msg, refusal.0, refusal.1);
+    }
+
+    /// The receive check of `to` for a message of the driver. As in dbus-daemon, a refused one
+    /// is answered with an `AccessDenied` addressed to the driver itself, which only the
+    /// monitors see.
+    pub(super) fn allow_from_driver(&mut self, to: PeerId, msg: &Message) -> bool {
+        let header = msg.header();
+        let facts = facts_of(&header, msg);
+        let verdict = self.receive_verdict(None, to, &facts, false);
+        drop(header);
+        if verdict.allowed {
+            return true;
+        }
+        let text = format!(
+            "Rejected receive message, {} matched rules; type=\"{}\", sender=\"(unset)\" ((bus)) \
+             destination=\"{}\"",
+            verdict.matched_rules,
+            type_name(msg.message_type()),
+            self.unique_name(to).unwrap_or("(unset)"),
+        );
+        debug!("{text}");
+        match super::driver_error(msg, ACCESS_DENIED, &text) {
+            Ok(error) => self.copy_to_monitors(&error),
+            Err(e) => warn!("cannot build AccessDenied: {e}"),
+        }
+        false
+    }
+
     fn send_verdict(&self, from: PeerId, to: Option<PeerId>, facts: &MessageFacts<'_>) -> Verdict {
         let open = Verdict {
             allowed: true,
@@ -216,10 +267,8 @@ impl Bus {
         } else {
             debug!("{text}");
         }
-        // Like dbus-daemon, a refused signal is answered too, unless it says it wants no reply.
-        if !super::expects_reply(msg) {
-            return;
-        }
+        // Like dbus-daemon, any refused message is answered, even a signal (which libdbus
+        // flags as expecting no reply): the sender learns why it went nowhere.
         match super::driver_error(msg, ACCESS_DENIED, &text) {
             Ok(error) => self.send_from_driver(from, &error),
             Err(e) => warn!("cannot build AccessDenied: {e}"),
