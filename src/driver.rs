@@ -47,6 +47,9 @@ const MONITORING_IFACE: &str = "org.freedesktop.DBus.Monitoring";
 impl Bus {
     /// Handles a message addressed to `org.freedesktop.DBus`.
     pub fn driver_call(&mut self, from: PeerId, msg: &Message) {
+        if msg.message_type() == Type::Signal {
+            self.driver_signal_received(from, msg);
+        }
         if msg.message_type() != Type::MethodCall {
             return;
         }
@@ -378,6 +381,9 @@ impl Bus {
                 "{bad:?} is not a valid environment variable name"
             )));
         }
+        let mut vars: Vec<(String, String)> = vars.into_iter().collect();
+        vars.sort();
+        self.forward_environment(&vars);
         self.activation.update_environment(vars);
         reply(msg, &())
     }

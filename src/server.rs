@@ -249,6 +249,7 @@ fn start_activation(
         }
     });
     let dirs = settings.activation_dirs.clone();
+    create_transient_dir(&dirs);
     tokio::task::spawn_local(watch::watch_dirs(dirs.clone(), events));
     let mut policy = StartPolicy {
         timeout: settings.start_timeout,
@@ -260,7 +261,30 @@ fn start_activation(
     if let Some(ms) = opts.start_limit_interval_ms {
         policy.limit_interval = Duration::from_millis(ms);
     }
-    Ok(Activation::new(dirs, policy, Some(supervisor), address))
+    let mut activation = Activation::new(dirs, policy, Some(supervisor), address);
+    activation.systemd = opts.systemd_activation;
+    Ok(activation)
+}
+
+/// Like dbus-daemon, creates `$XDG_RUNTIME_DIR/dbus-1/services` when it is one of the
+/// activation directories, so that programs can drop transient `.service` files there (the
+/// directory watch picks them up).
+fn create_transient_dir(dirs: &[PathBuf]) {
+    use std::os::unix::fs::DirBuilderExt;
+    let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) else {
+        return;
+    };
+    let transient = PathBuf::from(runtime).join("dbus-1/services");
+    if !dirs.contains(&transient) || transient.is_dir() {
+        return;
+    }
+    let created = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&transient);
+    if let Err(e) = created {
+        warn!("cannot create {}: {e}", transient.display());
+    }
 }
 
 /// Each connection takes a file descriptor: like dbus-daemon, take all the kernel allows.

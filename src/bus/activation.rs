@@ -39,6 +39,10 @@ impl Bus {
             pending.waiters.push(waiter);
             return;
         }
+        if self.started_by_systemd(name) {
+            self.activate_via_systemd(name, waiter);
+            return;
+        }
         match self.activation.start(name) {
             Ok(pending) => {
                 pending.waiters.push(waiter);
@@ -54,7 +58,7 @@ impl Bus {
         }
     }
 
-    fn arm_start_timer(&self, name: &str, generation: u64, timeout: Duration) {
+    pub(super) fn arm_start_timer(&self, name: &str, generation: u64, timeout: Duration) {
         let events = self.events.clone();
         let name = name.to_owned();
         tokio::task::spawn_local(async move {
@@ -75,10 +79,13 @@ impl Bus {
             match waiter {
                 Waiter::Deliver { from, msg } => {
                     if self.peers.contains_key(&from) {
-                        self.unicast(from, msg, name);
+                        self.unicast(from, msg, name, false);
                     }
                 }
                 Waiter::Start { from, call } => self.reply_start(from, &call, 1),
+                Waiter::FromDriver { msg } => {
+                    self.deliver(owner, &msg);
+                }
             }
         }
     }
@@ -218,13 +225,16 @@ impl Bus {
             return;
         };
         let timeout = self.activation.timeout_of(pending);
-        // The service is in a process group of its own; stop what is left of this start.
-        let group = nix::unistd::Pid::from_raw(-(pending.pid as i32));
-        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGTERM);
+        // The service is in a process group of its own; stop what is left of this start
+        // (pid 0: systemd started it, not us).
+        if pending.pid != 0 {
+            let group = nix::unistd::Pid::from_raw(-(pending.pid as i32));
+            let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGTERM);
+        }
         self.fail_start(name, StartFailure::timed_out(name, timeout));
     }
 
-    fn fail_start(&mut self, name: &str, failure: StartFailure) {
+    pub(super) fn fail_start(&mut self, name: &str, failure: StartFailure) {
         let Some(pending) = self.activation.pending.remove(name) else {
             return;
         };
@@ -233,14 +243,21 @@ impl Bus {
         self.fail_waiters(pending.waiters, &failure);
     }
 
-    fn fail_waiters(&mut self, waiters: Vec<Waiter>, failure: &StartFailure) {
+    pub(super) fn fail_waiters(&mut self, waiters: Vec<Waiter>, failure: &StartFailure) {
         for waiter in waiters {
             let (from, msg) = match waiter {
                 Waiter::Deliver { from, msg } => (from, msg),
                 Waiter::Start { from, call } => (from, call),
+                Waiter::FromDriver { .. } => continue,
             };
-            if msg.message_type() == Type::MethodCall {
-                self.reply_error(from, &msg, failure.error, &failure.text);
+            match msg.message_type() {
+                Type::MethodCall => self.reply_error(from, &msg, &failure.error, &failure.text),
+                // dbus-daemon tells the sender of a held signal too, whatever its flags say.
+                Type::Signal => match super::driver_error(&msg, &failure.error, &failure.text) {
+                    Ok(error) => self.send_from_driver(from, &error),
+                    Err(e) => warn!("cannot build {}: {e}", failure.error),
+                },
+                Type::MethodReturn | Type::Error => {}
             }
         }
     }

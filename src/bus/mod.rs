@@ -7,6 +7,7 @@ mod match_index;
 pub mod names;
 mod security;
 pub mod settings;
+pub mod systemd;
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::cell::{Cell, RefCell};
@@ -267,7 +268,12 @@ impl Bus {
         drop(header);
         match destination.as_deref() {
             Some(DRIVER) => {
-                self.copy_to_watchers(&msg, None);
+                // As in dbus-daemon, monitors see a signal to the driver (systemd's
+                // `ActivationFailure`) after what it caused.
+                let signal = msg.message_type() == Type::Signal;
+                if !signal {
+                    self.copy_to_watchers(&msg, None);
+                }
                 // Before `Hello`, only `Hello` gets here; dbus-daemon lets it through.
                 let checked =
                     !self.policy_open && self.peers.get(&from).is_some_and(|p| p.registered);
@@ -275,27 +281,37 @@ impl Bus {
                     return;
                 }
                 self.driver_call(from, &msg);
+                if signal {
+                    self.copy_to_watchers(&msg, None);
+                }
             }
-            Some(dest) => self.unicast(from, msg, dest),
+            Some(dest) => self.unicast(from, msg, dest, true),
             None if !self.policy_open && !self.allow_message(from, None, &msg, true) => {}
             None => self.broadcast(&msg),
         }
     }
 
     /// Delivers a message that names its destination; one for an activatable name that has no
-    /// owner waits while its service starts.
-    fn unicast(&mut self, from: PeerId, msg: Message, dest: &str) {
+    /// owner waits while its service starts. A held message, delivered once its service has
+    /// started, was shown to the watchers when it was sent (`show_watchers` false).
+    fn unicast(&mut self, from: PeerId, msg: Message, dest: &str, show_watchers: bool) {
         let msg_type = msg.message_type();
         let Some(to) = self.resolve(dest) else {
-            self.copy_to_watchers(&msg, None);
             let auto_start = !msg.primary_header().flags().contains(Flags::NO_AUTO_START);
             if auto_start && !dest.starts_with(':') && self.activation.is_activatable(dest) {
-                if !self.policy_open && !self.allow_message(from, None, &msg, false) {
+                if !self.policy_open && !self.allow_message(from, None, &msg, true) {
                     return;
                 }
+                // Monitors see the message after what starting its service sent (systemd's
+                // `ActivationRequest`), as with dbus-daemon.
+                let copy = msg.clone();
                 self.activate(dest, Waiter::Deliver { from, msg });
-            } else if msg_type == Type::MethodCall {
-                self.reply_unknown_destination(from, &msg, dest);
+                self.copy_to_watchers(&copy, None);
+            } else {
+                self.copy_to_watchers(&msg, None);
+                if msg_type == Type::MethodCall {
+                    self.reply_unknown_destination(from, &msg, dest);
+                }
             }
             return;
         };
@@ -323,7 +339,9 @@ impl Bus {
         {
             return;
         }
-        self.copy_to_watchers(&msg, Some(to));
+        if show_watchers {
+            self.copy_to_watchers(&msg, Some(to));
+        }
         self.deliver_or_handle_full(from, to, &msg);
     }
 
