@@ -5,6 +5,7 @@ use std::ffi::OsStr;
 use std::fmt;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{SocketAddr, UnixListener as StdListener, UnixStream as StdStream};
 use std::path::{Path, PathBuf};
 
@@ -152,7 +153,13 @@ fn bind_path(path: &Path) -> Result<StdListener, AddressError> {
             ))
         })?;
     }
-    StdListener::bind(path).map_err(|e| error(format!("cannot listen on {}: {e}", path.display())))
+    let listener = StdListener::bind(path)
+        .map_err(|e| error(format!("cannot listen on {}: {e}", path.display())))?;
+    // Anyone may reach the socket, as with dbus-daemon: authentication and the policy decide
+    // who may use the bus.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))
+        .map_err(|e| error(format!("cannot make {} reachable: {e}", path.display())))?;
+    Ok(listener)
 }
 
 /// Random lowercase hex of `bytes` bytes, from the kernel's random pool.

@@ -3,14 +3,36 @@
 use std::fmt;
 use std::path::PathBuf;
 
+/// Where log lines go (`--syslog`, `--nosyslog`, `--syslog-only`). broker has no syslog client:
+/// every choice logs to stderr, which systemd's journal and the test suites collect.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum LogTarget {
+    /// Neither flag: what the configuration's `<syslog/>` says.
+    #[default]
+    Config,
+    Stderr,
+    Syslog,
+    SyslogOnly,
+}
+
 /// What the command line asks for.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Options {
     pub session: bool,
+    pub system: bool,
+    /// `--config-file`: the busconfig file to read instead of the stock one.
+    pub config_file: Option<PathBuf>,
     pub address: Option<String>,
     /// Print the address to this fd (1 when no fd is given).
     pub print_address: Option<i32>,
     pub print_pid: Option<i32>,
+    /// `--nopidfile`: do not write the configuration's `<pidfile>`.
+    pub nopidfile: bool,
+    /// `--systemd-activation`: services with `SystemdService=` are started through systemd.
+    pub systemd_activation: bool,
+    pub log_target: LogTarget,
+    /// `--introspect`: print the driver's introspection data and exit.
+    pub introspect: bool,
     pub activation_dirs: Vec<PathBuf>,
     /// Default start timeout of a service, in milliseconds.
     pub start_timeout_ms: Option<u64>,
@@ -32,9 +54,10 @@ impl fmt::Display for UsageError {
     }
 }
 
-pub const USAGE: &str = "usage: broker [--session] [--address=ADDRESS] [--print-address[=FD]] [--print-pid[=FD]] \
-[--activation-dir=DIR]... [--start-timeout-ms=MS] [--start-limit-burst=N] [--start-limit-interval-ms=MS] \
-[--nofork] [--version] [--help]";
+pub const USAGE: &str = "usage: broker [--session | --system | --config-file=FILE] [--address=ADDRESS] \
+[--print-address[=FD]] [--print-pid[=FD]] [--nofork] [--nopidfile] [--systemd-activation] \
+[--nosyslog | --syslog | --syslog-only] [--introspect] [--activation-dir=DIR]... \
+[--start-timeout-ms=MS] [--start-limit-burst=N] [--start-limit-interval-ms=MS] [--version] [--help]";
 
 impl Options {
     pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, UsageError> {
@@ -45,6 +68,20 @@ impl Options {
                 Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
                 _ => (arg.clone(), None),
             };
+            let takes_no_value = !matches!(
+                flag.as_str(),
+                "--address"
+                    | "--config-file"
+                    | "--activation-dir"
+                    | "--start-timeout-ms"
+                    | "--start-limit-burst"
+                    | "--start-limit-interval-ms"
+                    | "--print-address"
+                    | "--print-pid"
+            );
+            if takes_no_value && inline.is_some() {
+                return Err(UsageError(format!("{flag} takes no value")));
+            }
             let mut value = |name: &str| -> Result<String, UsageError> {
                 inline
                     .clone()
@@ -53,6 +90,14 @@ impl Options {
             };
             match flag.as_str() {
                 "--session" => opts.session = true,
+                "--system" => opts.system = true,
+                "--config-file" => {
+                    let file = value(&flag)?;
+                    if opts.config_file.is_some() {
+                        return Err(UsageError("--config-file given twice".into()));
+                    }
+                    opts.config_file = Some(PathBuf::from(file));
+                }
                 "--address" => opts.address = Some(value("--address")?),
                 "--activation-dir" => opts
                     .activation_dirs
@@ -84,12 +129,35 @@ impl Options {
                         opts.print_pid = Some(fd);
                     }
                 }
-                // broker never forks into the background; these are accepted for compatibility.
-                "--nofork" | "--nopidfile" | "--nosyslog" => {}
+                // broker always stays in the foreground.
+                "--nofork" => {}
+                "--fork" => {
+                    return Err(UsageError(
+                        "--fork is not supported: broker stays in the foreground (use --nofork, \
+                         or let a service manager run it)"
+                            .into(),
+                    ));
+                }
+                "--nopidfile" => opts.nopidfile = true,
+                "--systemd-activation" => opts.systemd_activation = true,
+                "--nosyslog" => opts.log_target = LogTarget::Stderr,
+                "--syslog" => opts.log_target = LogTarget::Syslog,
+                "--syslog-only" => opts.log_target = LogTarget::SyslogOnly,
+                "--introspect" => opts.introspect = true,
                 "--version" => opts.version = true,
                 "--help" | "-h" => opts.help = true,
                 other => return Err(UsageError(format!("unknown option {other}"))),
             }
+        }
+        if [opts.session, opts.system, opts.config_file.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count()
+            > 1
+        {
+            return Err(UsageError(
+                "only one of --session, --system and --config-file may be given".into(),
+            ));
         }
         Ok(opts)
     }
@@ -190,5 +258,43 @@ mod tests {
             o.activation_dirs,
             vec![PathBuf::from("/a"), PathBuf::from("/b")]
         );
+    }
+
+    #[test]
+    fn dbus_daemon_flags_are_read() {
+        let o = parse(&[
+            "--config-file",
+            "/etc/bus.conf",
+            "--nofork",
+            "--nopidfile",
+            "--systemd-activation",
+            "--syslog-only",
+            "--introspect",
+        ])
+        .unwrap();
+        assert_eq!(o.config_file, Some(PathBuf::from("/etc/bus.conf")));
+        assert!(o.nopidfile && o.systemd_activation && o.introspect);
+        assert_eq!(o.log_target, LogTarget::SyslogOnly);
+        let o = parse(&["--system", "--nosyslog"]).unwrap();
+        assert!(o.system && !o.session);
+        assert_eq!(o.log_target, LogTarget::Stderr);
+        assert_eq!(parse(&["--syslog"]).unwrap().log_target, LogTarget::Syslog);
+        assert_eq!(
+            parse(&["--config-file=/a"]).unwrap().config_file,
+            Some(PathBuf::from("/a"))
+        );
+    }
+
+    #[test]
+    fn conflicting_or_unsupported_flags_are_refused() {
+        assert!(parse(&["--session", "--system"]).is_err());
+        assert!(parse(&["--session", "--config-file=/a"]).is_err());
+        assert!(parse(&["--config-file=/a", "--config-file=/b"]).is_err());
+        assert!(parse(&["--fork"]).unwrap_err().0.contains("--fork"));
+        assert_eq!(
+            parse(&["--nofork=yes"]).unwrap_err().0,
+            "--nofork takes no value"
+        );
+        assert!(parse(&["--config-file"]).is_err());
     }
 }

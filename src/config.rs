@@ -2135,4 +2135,21 @@ mod tests {
                 .allowed
         );
     }
+
+    #[test]
+    fn only_a_policy_without_message_restrictions_is_open() {
+        assert!(session_default().policy.allows_all_messages());
+        let open = r#"<policy context="default">
+                        <allow send_destination="*" eavesdrop="true"/>
+                        <allow eavesdrop="true"/>
+                        <allow own="*"/>
+                      </policy>"#;
+        assert!(policy_of(open).allows_all_messages());
+        let denied = open.replace("<allow own", "<deny send_interface=\"a.B\"/><allow own");
+        assert!(!policy_of(&denied).allows_all_messages());
+        // Without eavesdrop="true", eavesdroppers must be checked.
+        let no_eavesdrop = r#"<policy context="default"><allow send_destination="*"/><allow receive_sender="*"/></policy>"#;
+        assert!(!policy_of(no_eavesdrop).allows_all_messages());
+        assert!(!Policy::default().allows_all_messages());
+    }
 }

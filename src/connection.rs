@@ -31,6 +31,10 @@ pub struct Shared {
     pub incomplete: Cell<usize>,
     /// Wakes the flusher: something was queued for writing.
     pub flush_wake: Notify,
+    /// At most this many connections may be in the handshake at once
+    /// (`max_incomplete_connections`), so that clients that connect and say nothing cannot
+    /// exhaust the bus's fds.
+    pub max_incomplete: usize,
 }
 
 impl Shared {
@@ -52,10 +56,6 @@ impl Shared {
     }
 }
 
-/// At most this many connections may be in the handshake at once (dbus-daemon's session
-/// default), so that clients that connect and say nothing cannot exhaust the bus's fds.
-const MAX_INCOMPLETE: usize = 64;
-
 /// Counts a connection as incomplete while it lives.
 struct Incomplete<'a>(&'a Cell<usize>);
 
@@ -74,17 +74,26 @@ pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
             return;
         }
     };
-    if shared.incomplete.get() >= MAX_INCOMPLETE {
+    if shared.incomplete.get() >= shared.max_incomplete {
         warn!(
             pid = creds.pid,
             uid = creds.uid,
-            "refusing a connection: {MAX_INCOMPLETE} others are still authenticating"
+            "refusing a connection: {} others are still authenticating",
+            shared.max_incomplete
         );
         return;
     }
     shared.incomplete.set(shared.incomplete.get() + 1);
     let handshake = Incomplete(&shared.incomplete);
-    let authenticated = auth::authenticate(&stream, creds.uid, &shared.auth).await;
+    // EXTERNAL accepts the bus's own user and root; the policy's `user`/`group` rules may let
+    // this one in too.
+    let other_user = creds.uid != shared.auth.owner_uid && shared.bus.borrow().may_connect(&creds);
+    let policy = other_user.then(|| AuthPolicy {
+        owner_uid: creds.uid,
+        ..shared.auth.clone()
+    });
+    let policy = policy.as_ref().unwrap_or(&shared.auth);
+    let authenticated = auth::authenticate(&stream, creds.uid, policy).await;
     drop(handshake);
     let authenticated = match authenticated {
         Ok(a) => a,
@@ -98,6 +107,10 @@ pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
         }
     };
     let (pid, uid) = (creds.pid, creds.uid);
+    if let Err(why) = shared.bus.borrow().admit(&creds) {
+        warn!(pid, uid, "refusing a connection: {why}");
+        return;
+    }
     let conn = Conn::new(stream);
     let id = shared
         .bus
@@ -203,13 +216,25 @@ fn peer_credentials(stream: &UnixStream) -> io::Result<Credentials> {
     Ok(Credentials {
         uid: cred.uid(),
         pid: u32::try_from(cred.pid()).unwrap_or(0),
-        gids: peer_groups(stream).unwrap_or_else(|| vec![cred.gid()]),
+        gids: peer_groups(stream, cred.gid()),
         security_label: None,
     })
 }
 
-/// `SO_PEERGROUPS` (Linux 4.13+): the peer's supplementary groups.
-fn peer_groups(stream: &UnixStream) -> Option<Vec<u32>> {
+/// The peer's primary group `gid` first, then its supplementary groups from `SO_PEERGROUPS`
+/// (Linux 4.13+), without repeats, as dbus-daemon reports them.
+fn peer_groups(stream: &UnixStream, gid: u32) -> Vec<u32> {
+    let mut gids = vec![gid];
+    for other in supplementary_groups(stream).unwrap_or_default() {
+        if !gids.contains(&other) {
+            gids.push(other);
+        }
+    }
+    gids
+}
+
+/// `SO_PEERGROUPS`: the peer's supplementary groups.
+fn supplementary_groups(stream: &UnixStream) -> Option<Vec<u32>> {
     let mut groups = vec![0u32; 64];
     let mut len = (groups.len() * 4) as nix::libc::socklen_t;
     // SAFETY: the buffer and its length describe valid, writable memory.

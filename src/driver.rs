@@ -47,6 +47,9 @@ const MONITORING_IFACE: &str = "org.freedesktop.DBus.Monitoring";
 impl Bus {
     /// Handles a message addressed to `org.freedesktop.DBus`.
     pub fn driver_call(&mut self, from: PeerId, msg: &Message) {
+        if msg.message_type() == Type::Signal {
+            self.driver_signal_received(from, msg);
+        }
         if msg.message_type() != Type::MethodCall {
             return;
         }
@@ -60,6 +63,10 @@ impl Bus {
         debug!(from, member = %member, "driver call");
         if member == "Hello" && interface.as_deref().is_none_or(|i| i == DRIVER) {
             self.hello(from, msg);
+            return;
+        }
+        if let Err(f) = self.check_path_and_privilege(from, msg, interface.as_deref(), &member) {
+            self.reply_error(from, msg, f.name, &f.text);
             return;
         }
         // These reply themselves: after a change of state, or once a service has started.
@@ -82,6 +89,57 @@ impl Bus {
         }
     }
 
+    /// As in dbus-daemon: the `Properties` and `Monitoring` interfaces exist only at the
+    /// driver's own path, `UpdateActivationEnvironment` works only there, and those two
+    /// reconfiguring methods are for the bus's own user (and root) only.
+    fn check_path_and_privilege(
+        &self,
+        from: PeerId,
+        msg: &Message,
+        interface: Option<&str>,
+        member: &str,
+    ) -> Result<(), Fail> {
+        let header = msg.header();
+        let path = header.path().map_or("/", |p| p.as_str());
+        let canonical = path == DRIVER_PATH;
+        let privileged = match interface {
+            Some(PROPERTIES_IFACE | MONITORING_IFACE) if !canonical => {
+                return Err(fail(
+                    "org.freedesktop.DBus.Error.UnknownInterface",
+                    format!(
+                        "{DRIVER} does not understand interface {} at path {path}",
+                        interface.unwrap_or_default()
+                    ),
+                ));
+            }
+            Some(MONITORING_IFACE) => member == "BecomeMonitor",
+            None | Some(DRIVER) if member == "UpdateActivationEnvironment" => {
+                if !canonical {
+                    return Err(fail(
+                        "org.freedesktop.DBus.Error.AccessDenied",
+                        format!(
+                            "Method '{member}' is only available at the canonical object path '{DRIVER_PATH}'"
+                        ),
+                    ));
+                }
+                true
+            }
+            _ => false,
+        };
+        let uid = self.peers.get(&from).map_or(u32::MAX, |p| p.creds.uid);
+        if privileged && uid != self.owner_uid && uid != 0 {
+            return Err(fail(
+                "org.freedesktop.DBus.Error.AccessDenied",
+                format!(
+                    "The caller does not have sufficient privileges to call {member}: uid {uid} \
+                     is neither root nor the bus's uid {}",
+                    self.owner_uid
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn driver_method(
         &mut self,
         from: PeerId,
@@ -92,7 +150,11 @@ impl Bus {
         match (interface, member) {
             (Some(PEER_IFACE), "Ping") => reply(msg, &()),
             (Some(PEER_IFACE), "GetMachineId") => reply(msg, &(self.machine_id.as_str(),)),
-            (Some(INTROSPECTABLE_IFACE), "Introspect") => reply(msg, &(introspect(msg),)),
+            (Some(INTROSPECTABLE_IFACE), "Introspect") => {
+                let header = msg.header();
+                let path = header.path().map_or("/", |p| p.as_str());
+                reply(msg, &(introspect(path),))
+            }
             (Some(PROPERTIES_IFACE), _) => self.properties(msg, member),
             (None | Some(DRIVER), _) => self.bus_method(from, msg, member),
             (Some(other), _) if !KNOWN_INTERFACES.contains(&other) => Err(fail(
@@ -120,11 +182,11 @@ impl Bus {
                 reply(msg, &(name == DRIVER || self.resolve(&name).is_some(),))
             }
             "GetNameOwner" => self.get_name_owner(msg),
-            "UpdateActivationEnvironment" => self.update_activation_environment(from, msg),
-            "ReloadConfig" => {
-                self.reload_activation();
-                reply(msg, &())
-            }
+            "UpdateActivationEnvironment" => self.update_activation_environment(msg),
+            "ReloadConfig" => match self.reload_config() {
+                Ok(()) => reply(msg, &()),
+                Err(e) => Err(fail("org.freedesktop.DBus.Error.Failed", e)),
+            },
             "AddMatch" => self.add_match(from, msg),
             "RemoveMatch" => self.remove_match(from, msg),
             "GetId" => reply(msg, &(self.guid.as_str(),)),
@@ -166,6 +228,20 @@ impl Bus {
             );
             return;
         }
+        let uid = peer.creds.uid;
+        if let Err(text) = self.complete_connection(uid) {
+            tracing::warn!(uid, "refusing Hello: {text}");
+            self.reply_error(
+                from,
+                msg,
+                "org.freedesktop.DBus.Error.LimitsExceeded",
+                &text,
+            );
+            return;
+        }
+        let Some(peer) = self.peers.get_mut(&from) else {
+            return;
+        };
         peer.registered = true;
         let unique = peer.unique.clone();
         debug!(peer = %unique, pid = peer.creds.pid, uid = peer.creds.uid, "client registered");
@@ -183,10 +259,20 @@ impl Bus {
     fn request_name(&mut self, from: PeerId, msg: &Message) -> Outcome {
         let (name, flags): (String, u32) = args(msg)?;
         let name = ownable_name(&name)?;
-        if self.names.count_for(from) >= self.limits.max_names_per_connection {
+        // As in dbus-daemon, the unique name counts as one.
+        if self.names.count_for(from) + 1 >= self.limits.max_names_per_connection {
             return Err(fail(
                 "org.freedesktop.DBus.Error.LimitsExceeded",
                 "The maximum number of names per connection has been reached",
+            ));
+        }
+        if !self.may_own(from, name) {
+            let unique = self.unique_name(from).unwrap_or_default();
+            return Err(fail(
+                "org.freedesktop.DBus.Error.AccessDenied",
+                format!(
+                    "Connection \"{unique}\" is not allowed to own the service \"{name}\" due to security policies in the configuration file"
+                ),
             ));
         }
         let (result, events) = self.names.request(name, from, flags);
@@ -284,19 +370,9 @@ impl Bus {
         Ok(())
     }
 
-    /// `UpdateActivationEnvironment`, for the bus owner (and root) only.
-    fn update_activation_environment(&mut self, from: PeerId, msg: &Message) -> Outcome {
+    /// `UpdateActivationEnvironment` (the caller's privilege is checked before).
+    fn update_activation_environment(&mut self, msg: &Message) -> Outcome {
         let (vars,): (HashMap<String, String>,) = args(msg)?;
-        let uid = self.peers.get(&from).map_or(u32::MAX, |p| p.creds.uid);
-        if uid != self.owner_uid && uid != 0 {
-            return Err(fail(
-                "org.freedesktop.DBus.Error.AccessDenied",
-                format!(
-                    "uid {uid} may not change the activation environment of a bus owned by uid {}",
-                    self.owner_uid
-                ),
-            ));
-        }
         if let Some(bad) = vars
             .keys()
             .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
@@ -305,6 +381,9 @@ impl Bus {
                 "{bad:?} is not a valid environment variable name"
             )));
         }
+        let mut vars: Vec<(String, String)> = vars.into_iter().collect();
+        vars.sort();
+        self.forward_environment(&vars);
         self.activation.update_environment(vars);
         reply(msg, &())
     }
@@ -415,6 +494,12 @@ impl Bus {
                     args(msg)?;
                 if interface != DRIVER {
                     return Err(unknown_interface(&interface));
+                }
+                if !matches!(property.as_str(), "Features" | "Interfaces") {
+                    return Err(fail(
+                        "org.freedesktop.DBus.Error.UnknownProperty",
+                        format!("Interface {interface} has no property {property}"),
+                    ));
                 }
                 Err(fail(
                     "org.freedesktop.DBus.Error.PropertyReadOnly",
@@ -547,10 +632,8 @@ fn own_credentials() -> crate::bus::Credentials {
 }
 
 /// The introspection data for a path: the driver's interfaces at its own path and at `/`, and the
-/// nodes that lead to it.
-fn introspect(msg: &Message) -> String {
-    let header = msg.header();
-    let path = header.path().map(|p| p.as_str()).unwrap_or("/");
+/// nodes that lead to it. `broker --introspect` prints it for the driver's path.
+pub fn introspect(path: &str) -> String {
     let mut xml = String::from(
         "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n\
          \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n<node>\n",

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use broker::cli::{Options, USAGE};
+use broker::cli::{LogTarget, Options, USAGE};
 
 /// The bus allocates and frees a few small buffers per message; mimalloc does that faster than
 /// glibc's allocator.
@@ -25,6 +25,10 @@ fn main() -> ExitCode {
         println!("broker {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
+    if opts.introspect {
+        print!("{}", broker::driver::introspect(broker::bus::DRIVER_PATH));
+        return ExitCode::SUCCESS;
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -32,6 +36,10 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .init();
+    if matches!(opts.log_target, LogTarget::Syslog | LogTarget::SyslogOnly) {
+        // No syslog client here: stderr is what the journal and test harnesses collect.
+        tracing::debug!("syslog was asked for; logging to stderr instead");
+    }
     match broker::server::run(opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

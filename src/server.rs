@@ -8,17 +8,21 @@ use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use tokio::sync::Notify;
 use tokio::sync::mpsc::{self, UnboundedSender};
 
-use crate::activation::{Activation, StartPolicy, files, watch};
+use std::path::PathBuf;
+
+use crate::activation::{Activation, StartPolicy, watch};
 use crate::address::{ListenAddress, random_hex};
 use crate::auth::AuthPolicy;
 use crate::bus::activation::CoreEvent;
+use crate::bus::settings::Settings;
 use crate::bus::{Bus, Limits};
 use crate::cli::Options;
+use crate::config::{self, Config};
 use crate::connection::{self, Shared};
 use crate::supervisor::{self, Supervisor};
 use crate::wire::{FrameLimits, MAX_MESSAGE_SIZE};
@@ -41,71 +45,189 @@ async fn serve(opts: Options) -> Result<(), String> {
     let mut int =
         signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
-    let wanted = match &opts.address {
-        Some(a) => ListenAddress::parse(a).map_err(|e| e.to_string())?,
-        None => ListenAddress::session_default(),
-    };
-    let (std_listener, bound) = wanted.bind().map_err(|e| e.to_string())?;
-    std_listener
-        .set_nonblocking(true)
-        .map_err(|e| format!("cannot make the listening socket non-blocking: {e}"))?;
-    let listener = UnixListener::from_std(std_listener)
-        .map_err(|e| format!("cannot register the listening socket: {e}"))?;
-    let _cleanup = SocketFile(bound.socket_file().map(Into::into));
-
+    let config = load_config(&opts)?;
+    if config.fork {
+        debug!("the configuration asks to fork; broker stays in the foreground");
+    }
+    let listeners = bind_all(&opts, &config)?;
     let guid = random_hex(16);
-    let address = bound.client_address(&guid);
+    let address = listeners
+        .first()
+        .map(|(_, bound, _)| bound.client_address(&guid))
+        .ok_or("the configuration gives no address to listen on")?;
     info!(%address, "listening");
-    if let Some(fd) = opts.print_address {
-        print_to_fd(fd, &address)?;
-    }
-    if let Some(fd) = opts.print_pid {
-        print_to_fd(fd, &std::process::id().to_string())?;
-    }
+    print_startup(&opts, &address)?;
 
     let (events, mut event_rx) = mpsc::unbounded_channel();
-    let activation = start_activation(&opts, address_without_guid(&address), events.clone())?;
+    let settings = settings_of(&config, &opts);
+    let activation = start_activation(
+        &opts,
+        &settings,
+        address_without_guid(&address),
+        events.clone(),
+    )?;
+    let mut bus = Bus::new(guid.clone(), settings.limits.clone(), activation, events);
+    bus.apply_settings(settings);
+    let reload_opts = opts.clone();
+    bus.reloader = Some(Box::new(move || {
+        load_config(&reload_opts).map(|config| settings_of(&config, &reload_opts))
+    }));
     let shared = Rc::new(Shared {
-        bus: RefCell::new(Bus::new(
-            guid.clone(),
-            Limits::default(),
-            activation,
-            events,
-        )),
+        bus: RefCell::new(bus),
         auth: AuthPolicy {
             guid,
             owner_uid: nix::unistd::getuid().as_raw(),
-            timeout: Duration::from_secs(30),
+            timeout: config.limits.auth_timeout,
             max_line: 16 * 1024,
         },
         frame_limits: FrameLimits {
-            max_message_size: MAX_MESSAGE_SIZE,
-            max_fds: 253,
+            max_message_size: (config.limits.max_message_size as usize).min(MAX_MESSAGE_SIZE),
+            max_fds: config.limits.max_message_unix_fds as usize,
         },
         scratch: RefCell::new(Vec::new()),
         incomplete: Cell::new(0),
         flush_wake: Notify::new(),
+        max_incomplete: config.limits.max_incomplete_connections as usize,
     });
     let flusher = shared.clone();
     tokio::task::spawn_local(async move { flusher.flush_forever().await });
+    let mut _cleanup = Vec::new();
+    for (listener, bound, socket_file) in listeners {
+        debug!(address = %bound.client_address(""), "accepting");
+        _cleanup.push(socket_file);
+        tokio::task::spawn_local(accept_loop(shared.clone(), listener));
+    }
 
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::task::spawn_local(connection::serve(shared.clone(), stream));
-                }
-                Err(e) => {
-                    // Out of descriptors, most likely: back off instead of spinning.
-                    warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
             Some(event) = event_rx.recv() => handle_event(&shared, event),
-            _ = hup.recv() => handle_event(&shared, CoreEvent::Reload("SIGHUP")),
+            _ = hup.recv() => reload(&shared),
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
         }
+    }
+    Ok(())
+}
+
+/// The configuration: `--config-file`, the stock system one for `--system`, else the stock
+/// session one. A malformed file is refused with its path, line and reason.
+fn load_config(opts: &Options) -> Result<Config, String> {
+    let path = match (&opts.config_file, opts.system) {
+        (Some(path), _) => path.clone(),
+        (None, true) => PathBuf::from(config::SYSTEM_CONF),
+        (None, false) => return Ok(guarded(config::session_default())),
+    };
+    config::load(&path).map_err(|e| e.to_string())
+}
+
+/// The stock session configuration, with broker's own tighter guards: the session file's
+/// "essentially infinite" limits would let one stuck or silent client hold a gigabyte or
+/// thousands of fds. A configuration file given with `--config-file` is applied as written.
+fn guarded(mut config: Config) -> Config {
+    let limits = &mut config.limits;
+    let max_outgoing = u32::try_from(Limits::default().max_outgoing_bytes).unwrap_or(u32::MAX);
+    limits.max_outgoing_bytes = limits.max_outgoing_bytes.min(max_outgoing);
+    limits.max_incomplete_connections = limits.max_incomplete_connections.min(64);
+    limits.auth_timeout = limits.auth_timeout.min(Duration::from_secs(30));
+    config
+}
+
+/// What the core takes from a configuration.
+fn settings_of(config: &Config, opts: &Options) -> Settings {
+    let limits = &config.limits;
+    let max_outgoing_bytes = limits.max_outgoing_bytes as usize;
+    let mut activation_dirs = opts.activation_dirs.clone();
+    activation_dirs.extend(config.servicedirs.iter().cloned());
+    let start_timeout = match opts.start_timeout_ms {
+        Some(ms) => Duration::from_millis(ms),
+        None => limits.service_start_timeout,
+    };
+    Settings {
+        limits: Limits {
+            max_outgoing_bytes,
+            max_names_per_connection: limits.max_names_per_connection as usize,
+            max_match_rules_per_connection: limits.max_match_rules_per_connection as usize,
+            max_replies_per_connection: limits.max_replies_per_connection as usize,
+            reply_timeout: limits.reply_timeout,
+            max_connections_per_user: limits.max_connections_per_user as usize,
+            max_completed_connections: limits.max_completed_connections as usize,
+            max_pending_service_starts: limits.max_pending_service_starts as usize,
+        },
+        policy: config.policy.clone(),
+        activation_dirs,
+        start_timeout,
+    }
+}
+
+/// Binds `--address`, or every `<listen>` of the configuration.
+fn bind_all(
+    opts: &Options,
+    config: &Config,
+) -> Result<Vec<(UnixListener, ListenAddress, SocketFile)>, String> {
+    let addresses = match &opts.address {
+        Some(a) => vec![a.clone()],
+        None => config.listen.clone(),
+    };
+    let mut bound_all = Vec::new();
+    for text in &addresses {
+        let wanted =
+            ListenAddress::parse(text).map_err(|e| format!("cannot listen on {text}: {e}"))?;
+        let (std_listener, bound) = wanted.bind().map_err(|e| e.to_string())?;
+        let socket_file = SocketFile(bound.socket_file().map(Into::into));
+        std_listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("cannot make the listening socket non-blocking: {e}"))?;
+        let listener = UnixListener::from_std(std_listener)
+            .map_err(|e| format!("cannot register the listening socket: {e}"))?;
+        bound_all.push((listener, bound, socket_file));
+    }
+    Ok(bound_all)
+}
+
+/// Accepts connections on one listening socket for as long as the bus runs.
+async fn accept_loop(shared: Rc<Shared>, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::task::spawn_local(connection::serve(shared.clone(), stream));
+            }
+            Err(e) => {
+                // Out of descriptors, most likely: back off instead of spinning.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// SIGHUP: reads the configuration again (a bad file keeps the old one, with a warning).
+fn reload(shared: &Shared) {
+    // A bad file is already logged by reload_config; the old configuration stays.
+    let _ = shared.bus.borrow_mut().reload_config();
+    shared.schedule_flush();
+}
+
+/// `--print-address` and `--print-pid`, each in one write; then the fds above 2 are closed, so
+/// that no service inherits them.
+fn print_startup(opts: &Options, address: &str) -> Result<(), String> {
+    let pid = std::process::id().to_string();
+    let prints = [
+        (opts.print_address, address),
+        (opts.print_pid, pid.as_str()),
+    ];
+    for (fd, line) in prints {
+        if let Some(fd) = fd {
+            print_to_fd(fd, line)?;
+        }
+    }
+    let mut fds: Vec<RawFd> = prints
+        .iter()
+        .filter_map(|(fd, _)| *fd)
+        .filter(|fd| *fd > 2)
+        .collect();
+    fds.dedup();
+    for fd in fds {
+        let _ = nix::unistd::close(fd);
     }
     Ok(())
 }
@@ -114,6 +236,7 @@ async fn serve(opts: Options) -> Result<(), String> {
 /// files: those of `--activation-dir`, then the standard session directories.
 fn start_activation(
     opts: &Options,
+    settings: &Settings,
     address: String,
     events: UnboundedSender<CoreEvent>,
 ) -> Result<Activation, String> {
@@ -128,20 +251,43 @@ fn start_activation(
             }
         }
     });
-    let mut dirs = opts.activation_dirs.clone();
-    dirs.extend(files::session_dirs(|k| std::env::var(k).ok()));
+    let dirs = settings.activation_dirs.clone();
+    create_transient_dir(&dirs);
     tokio::task::spawn_local(watch::watch_dirs(dirs.clone(), events));
-    let mut policy = StartPolicy::default();
-    if let Some(ms) = opts.start_timeout_ms {
-        policy.timeout = Duration::from_millis(ms);
-    }
+    let mut policy = StartPolicy {
+        timeout: settings.start_timeout,
+        ..StartPolicy::default()
+    };
     if let Some(n) = opts.start_limit_burst {
         policy.limit_burst = n as usize;
     }
     if let Some(ms) = opts.start_limit_interval_ms {
         policy.limit_interval = Duration::from_millis(ms);
     }
-    Ok(Activation::new(dirs, policy, Some(supervisor), address))
+    let mut activation = Activation::new(dirs, policy, Some(supervisor), address);
+    activation.systemd = opts.systemd_activation;
+    Ok(activation)
+}
+
+/// Like dbus-daemon, creates `$XDG_RUNTIME_DIR/dbus-1/services` when it is one of the
+/// activation directories, so that programs can drop transient `.service` files there (the
+/// directory watch picks them up).
+fn create_transient_dir(dirs: &[PathBuf]) {
+    use std::os::unix::fs::DirBuilderExt;
+    let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) else {
+        return;
+    };
+    let transient = PathBuf::from(runtime).join("dbus-1/services");
+    if !dirs.contains(&transient) || transient.is_dir() {
+        return;
+    }
+    let created = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&transient);
+    if let Err(e) = created {
+        warn!("cannot create {}: {e}", transient.display());
+    }
 }
 
 /// Each connection takes a file descriptor: like dbus-daemon, take all the kernel allows.
@@ -172,8 +318,7 @@ fn handle_event(shared: &Shared, event: CoreEvent) {
     shared.schedule_flush();
 }
 
-/// Writes `line` and a newline to `fd` in one write; an fd other than stdout and stderr is then
-/// closed, so that no child inherits it.
+/// Writes `line` and a newline to `fd` in one write.
 fn print_to_fd(fd: RawFd, line: &str) -> Result<(), String> {
     let text = format!("{line}\n");
     // SAFETY: the fd was handed to us on the command line; it stays open for this call.
@@ -182,9 +327,6 @@ fn print_to_fd(fd: RawFd, line: &str) -> Result<(), String> {
         .map_err(|e| format!("cannot write to fd {fd}: {e}"))?;
     if written != text.len() {
         return Err(format!("short write to fd {fd}"));
-    }
-    if fd > 2 {
-        let _ = nix::unistd::close(fd);
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 pub mod files;
 pub mod watch;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -53,6 +54,9 @@ pub enum Waiter {
     Deliver { from: PeerId, msg: Message },
     /// A `StartServiceByName` call to answer.
     Start { from: PeerId, call: Message },
+    /// A message of the driver itself to systemd, held until systemd is on the bus; monitors
+    /// have seen it already.
+    FromDriver { msg: Message },
 }
 
 impl Waiter {
@@ -61,6 +65,7 @@ impl Waiter {
         match self {
             Waiter::Deliver { msg, .. } => msg,
             Waiter::Start { call, .. } => call,
+            Waiter::FromDriver { msg } => msg,
         }
     }
 }
@@ -82,14 +87,14 @@ pub struct Pending {
 /// Why a start failed: a D-Bus error name and its message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartFailure {
-    pub error: &'static str,
+    pub error: Cow<'static, str>,
     pub text: String,
 }
 
 impl StartFailure {
     pub fn exec(name: &str, e: &SpawnError) -> StartFailure {
         StartFailure {
-            error: "org.freedesktop.DBus.Error.Spawn.ExecFailed",
+            error: "org.freedesktop.DBus.Error.Spawn.ExecFailed".into(),
             text: format!("Failed to start {name}: {e}"),
         }
     }
@@ -98,11 +103,11 @@ impl StartFailure {
     pub fn exited(name: &str, status: ExitKind) -> StartFailure {
         match status {
             ExitKind::Exited(code) => StartFailure {
-                error: "org.freedesktop.DBus.Error.Spawn.ChildExited",
+                error: "org.freedesktop.DBus.Error.Spawn.ChildExited".into(),
                 text: format!("Process {name} exited with status {code}"),
             },
             ExitKind::Signaled(signal, _) => StartFailure {
-                error: "org.freedesktop.DBus.Error.Spawn.ChildSignaled",
+                error: "org.freedesktop.DBus.Error.Spawn.ChildSignaled".into(),
                 text: format!("Process {name} received signal {signal}"),
             },
         }
@@ -110,7 +115,7 @@ impl StartFailure {
 
     pub fn daemon_died(name: &str) -> StartFailure {
         StartFailure {
-            error: "org.freedesktop.DBus.Error.Spawn.ChildExited",
+            error: "org.freedesktop.DBus.Error.Spawn.ChildExited".into(),
             text: format!(
                 "Process {name} exited with status 0, and no process it left behind took the name"
             ),
@@ -119,7 +124,7 @@ impl StartFailure {
 
     pub fn timed_out(name: &str, after: Duration) -> StartFailure {
         StartFailure {
-            error: "org.freedesktop.DBus.Error.TimedOut",
+            error: "org.freedesktop.DBus.Error.TimedOut".into(),
             text: format!(
                 "Activation of {name} timed out after {} ms",
                 after.as_millis()
@@ -129,7 +134,7 @@ impl StartFailure {
 
     fn start_limit(name: &str, policy: &StartPolicy) -> StartFailure {
         StartFailure {
-            error: "org.freedesktop.DBus.Error.Spawn.Failed",
+            error: "org.freedesktop.DBus.Error.Spawn.Failed".into(),
             text: format!(
                 "{name} failed to start {} times within {} ms; not starting it again until that interval has passed",
                 policy.limit_burst,
@@ -151,18 +156,21 @@ pub struct Activation {
     supervisor: Option<Supervisor>,
     /// The address services are told to connect to.
     starter_address: String,
+    /// `--systemd-activation`: services with `SystemdService=` are started by systemd.
+    pub systemd: bool,
     next_generation: u64,
 }
 
 impl Activation {
     /// Activation over `dirs`, starting services through `supervisor` (none: nothing can start).
+    /// Nothing is read until the first [`Activation::reload`].
     pub fn new(
         dirs: Vec<PathBuf>,
         policy: StartPolicy,
         supervisor: Option<Supervisor>,
         starter_address: String,
     ) -> Activation {
-        let mut activation = Activation {
+        Activation {
             dirs,
             services: BTreeMap::new(),
             pending: HashMap::new(),
@@ -171,10 +179,14 @@ impl Activation {
             policy,
             supervisor,
             starter_address,
+            systemd: false,
             next_generation: 1,
-        };
-        activation.reload();
-        activation
+        }
+    }
+
+    /// Changes where activation files are read from (the next [`Activation::reload`] reads them).
+    pub fn set_dirs(&mut self, dirs: Vec<PathBuf>) {
+        self.dirs = dirs;
     }
 
     pub fn dirs(&self) -> &[PathBuf] {
@@ -210,7 +222,7 @@ impl Activation {
     pub fn start(&mut self, name: &str) -> Result<&mut Pending, StartFailure> {
         let Some(service) = self.services.get(name).cloned() else {
             return Err(StartFailure {
-                error: "org.freedesktop.DBus.Error.ServiceUnknown",
+                error: "org.freedesktop.DBus.Error.ServiceUnknown".into(),
                 text: format!("The name {name} was not provided by any .service files"),
             });
         };
@@ -223,7 +235,7 @@ impl Activation {
         }
         let Some(supervisor) = &self.supervisor else {
             return Err(StartFailure {
-                error: "org.freedesktop.DBus.Error.Spawn.Failed",
+                error: "org.freedesktop.DBus.Error.Spawn.Failed".into(),
                 text: "this bus cannot start services".into(),
             });
         };
@@ -245,6 +257,39 @@ impl Activation {
         let pending = Pending {
             service,
             pid,
+            generation,
+            daemonized: false,
+            waiters: Vec::new(),
+            held_bytes: 0,
+        };
+        Ok(self
+            .pending
+            .entry(name.to_owned())
+            .insert_entry(pending)
+            .into_mut())
+    }
+
+    /// The systemd unit that starts `name`, when systemd activation is on and its file names one.
+    pub fn systemd_unit(&self, name: &str) -> Option<&str> {
+        self.services
+            .get(name)
+            .filter(|_| self.systemd)
+            .and_then(|s| s.systemd_service.as_deref())
+    }
+
+    /// Records a start that someone else performs (systemd), with no process of ours: pid 0.
+    pub fn start_elsewhere(&mut self, name: &str) -> Result<&mut Pending, StartFailure> {
+        let Some(service) = self.services.get(name).cloned() else {
+            return Err(StartFailure {
+                error: "org.freedesktop.DBus.Error.ServiceUnknown".into(),
+                text: format!("The name {name} was not provided by any .service files"),
+            });
+        };
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let pending = Pending {
+            service,
+            pid: 0,
             generation,
             daemonized: false,
             waiters: Vec::new(),

@@ -24,6 +24,12 @@ pub enum CoreEvent {
     OwnerExited { peer: PeerId },
     /// The activation files should be read again.
     Reload(&'static str),
+    /// `reply_timeout` has passed for the call `serial` that `caller` made to `callee`.
+    ReplyTimedOut {
+        caller: PeerId,
+        serial: u32,
+        callee: PeerId,
+    },
 }
 
 /// How much the messages held for one starting service may take, so that a client cannot make
@@ -37,7 +43,7 @@ impl Bus {
             let size = waiter.message().data().len();
             if pending.held_bytes + size > MAX_HELD_BYTES {
                 let failure = StartFailure {
-                    error: "org.freedesktop.DBus.Error.LimitsExceeded",
+                    error: "org.freedesktop.DBus.Error.LimitsExceeded".into(),
                     text: format!("Too many messages are waiting for {name} to start"),
                 };
                 self.fail_waiters(vec![waiter], &failure);
@@ -45,6 +51,10 @@ impl Bus {
             }
             pending.held_bytes += size;
             pending.waiters.push(waiter);
+            return;
+        }
+        if self.started_by_systemd(name) {
+            self.activate_via_systemd(name, waiter);
             return;
         }
         match self.activation.start(name) {
@@ -63,7 +73,7 @@ impl Bus {
         }
     }
 
-    fn arm_start_timer(&self, name: &str, generation: u64, timeout: Duration) {
+    pub(super) fn arm_start_timer(&self, name: &str, generation: u64, timeout: Duration) {
         let events = self.events.clone();
         let name = name.to_owned();
         tokio::task::spawn_local(async move {
@@ -84,10 +94,13 @@ impl Bus {
             match waiter {
                 Waiter::Deliver { from, msg } => {
                     if self.peers.contains_key(&from) {
-                        self.unicast(from, msg, name);
+                        self.unicast(from, msg, name, false);
                     }
                 }
                 Waiter::Start { from, call } => self.reply_start(from, &call, 1),
+                Waiter::FromDriver { msg } => {
+                    self.deliver(owner, &msg);
+                }
             }
         }
     }
@@ -130,6 +143,11 @@ impl Bus {
                 info!("reloading activation files: {why}");
                 self.reload_activation();
             }
+            CoreEvent::ReplyTimedOut {
+                caller,
+                serial,
+                callee,
+            } => self.send_no_reply(caller, serial, callee, super::NO_REPLY_TIMEOUT),
         }
     }
 
@@ -222,13 +240,16 @@ impl Bus {
             return;
         };
         let timeout = self.activation.timeout_of(pending);
-        // The service is in a process group of its own; stop what is left of this start.
-        let group = nix::unistd::Pid::from_raw(-(pending.pid as i32));
-        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGTERM);
+        // The service is in a process group of its own; stop what is left of this start
+        // (pid 0: systemd started it, not us).
+        if pending.pid != 0 {
+            let group = nix::unistd::Pid::from_raw(-(pending.pid as i32));
+            let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGTERM);
+        }
         self.fail_start(name, StartFailure::timed_out(name, timeout));
     }
 
-    fn fail_start(&mut self, name: &str, failure: StartFailure) {
+    pub(super) fn fail_start(&mut self, name: &str, failure: StartFailure) {
         let Some(pending) = self.activation.pending.remove(name) else {
             return;
         };
@@ -237,14 +258,21 @@ impl Bus {
         self.fail_waiters(pending.waiters, &failure);
     }
 
-    fn fail_waiters(&mut self, waiters: Vec<Waiter>, failure: &StartFailure) {
+    pub(super) fn fail_waiters(&mut self, waiters: Vec<Waiter>, failure: &StartFailure) {
         for waiter in waiters {
             let (from, msg) = match waiter {
                 Waiter::Deliver { from, msg } => (from, msg),
                 Waiter::Start { from, call } => (from, call),
+                Waiter::FromDriver { .. } => continue,
             };
-            if msg.message_type() == Type::MethodCall {
-                self.reply_error(from, &msg, failure.error, &failure.text);
+            match msg.message_type() {
+                Type::MethodCall => self.reply_error(from, &msg, &failure.error, &failure.text),
+                // dbus-daemon tells the sender of a held signal too, whatever its flags say.
+                Type::Signal => match super::driver_error(&msg, &failure.error, &failure.text) {
+                    Ok(error) => self.send_from_driver(from, &error),
+                    Err(e) => warn!("cannot build {}: {e}", failure.error),
+                },
+                Type::MethodReturn | Type::Error => {}
             }
         }
     }

@@ -5,11 +5,15 @@
 pub mod activation;
 mod match_index;
 pub mod names;
+mod security;
+pub mod settings;
+pub mod systemd;
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::cell::{Cell, RefCell};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::UnixStream;
@@ -19,6 +23,7 @@ use zbus::Message;
 use zbus::message::{Flags, Type};
 
 use crate::activation::{Activation, Waiter};
+use crate::config::Policy;
 use crate::match_rule::{Fields, MatchContext, MatchRule};
 use crate::wire::Outbox;
 use activation::CoreEvent;
@@ -88,6 +93,14 @@ pub struct Limits {
     pub max_names_per_connection: usize,
     pub max_match_rules_per_connection: usize,
     pub max_replies_per_connection: usize,
+    /// A call not answered within this time gets `NoReply` (none: calls wait forever).
+    pub reply_timeout: Option<Duration>,
+    /// Authenticated connections of one uid.
+    pub max_connections_per_user: usize,
+    /// Authenticated connections in all.
+    pub max_completed_connections: usize,
+    /// Services being started at once.
+    pub max_pending_service_starts: usize,
 }
 
 impl Default for Limits {
@@ -99,6 +112,10 @@ impl Default for Limits {
             max_names_per_connection: 50_000,
             max_match_rules_per_connection: 50_000,
             max_replies_per_connection: 50_000,
+            reply_timeout: None,
+            max_connections_per_user: 100_000,
+            max_completed_connections: 100_000,
+            max_pending_service_starts: 10_000,
         }
     }
 }
@@ -138,6 +155,15 @@ pub struct Bus {
     /// Monitors and peers with eavesdropping rules: they see messages addressed to others.
     watchers: HashSet<PeerId>,
     pub activation: Activation,
+    /// The configuration's `<policy>` rules; none (a bus built without a configuration) lets
+    /// everything through.
+    pub policy: Option<Policy>,
+    /// The policy lets every message through: the per-message checks are skipped.
+    pub policy_open: bool,
+    /// Connections that `Hello` completed, by uid.
+    completed_by_uid: HashMap<u32, usize>,
+    /// Reads the configuration again for `ReloadConfig` and SIGHUP.
+    pub reloader: Option<settings::Reloader>,
     /// Where timers and watchers report back to the core.
     events: tokio::sync::mpsc::UnboundedSender<CoreEvent>,
 }
@@ -166,6 +192,10 @@ impl Bus {
             index: MatchIndex::default(),
             watchers: HashSet::default(),
             activation,
+            policy: None,
+            policy_open: true,
+            completed_by_uid: HashMap::default(),
+            reloader: None,
             events,
         }
     }
@@ -229,25 +259,50 @@ impl Bus {
         drop(header);
         match destination.as_deref() {
             Some(DRIVER) => {
-                self.copy_to_watchers(&msg, None);
+                // As in dbus-daemon, monitors see a signal to the driver (systemd's
+                // `ActivationFailure`) after what it caused.
+                let signal = msg.message_type() == Type::Signal;
+                if !signal {
+                    self.copy_to_watchers(&msg, None);
+                }
+                // Before `Hello`, only `Hello` gets here; dbus-daemon lets it through.
+                let checked =
+                    !self.policy_open && self.peers.get(&from).is_some_and(|p| p.registered);
+                if checked && !self.allow_message(from, None, &msg, false) {
+                    return;
+                }
                 self.driver_call(from, &msg);
+                if signal {
+                    self.copy_to_watchers(&msg, None);
+                }
             }
-            Some(dest) => self.unicast(from, msg, dest),
+            Some(dest) => self.unicast(from, msg, dest, true),
+            None if !self.policy_open && !self.allow_message(from, None, &msg, true) => {}
             None => self.broadcast(&msg),
         }
     }
 
     /// Delivers a message that names its destination; one for an activatable name that has no
-    /// owner waits while its service starts.
-    fn unicast(&mut self, from: PeerId, msg: Message, dest: &str) {
+    /// owner waits while its service starts. A held message, delivered once its service has
+    /// started, was shown to the watchers when it was sent (`show_watchers` false).
+    fn unicast(&mut self, from: PeerId, msg: Message, dest: &str, show_watchers: bool) {
         let msg_type = msg.message_type();
         let Some(to) = self.resolve(dest) else {
-            self.copy_to_watchers(&msg, None);
             let auto_start = !msg.primary_header().flags().contains(Flags::NO_AUTO_START);
             if auto_start && !dest.starts_with(':') && self.activation.is_activatable(dest) {
+                if !self.policy_open && !self.allow_message(from, None, &msg, true) {
+                    return;
+                }
+                // Monitors see the message after what starting its service sent (systemd's
+                // `ActivationRequest`), as with dbus-daemon.
+                let copy = msg.clone();
                 self.activate(dest, Waiter::Deliver { from, msg });
-            } else if msg_type == Type::MethodCall {
-                self.reply_unknown_destination(from, &msg, dest);
+                self.copy_to_watchers(&copy, None);
+            } else {
+                self.copy_to_watchers(&msg, None);
+                if msg_type == Type::MethodCall {
+                    self.reply_unknown_destination(from, &msg, dest);
+                }
             }
             return;
         };
@@ -266,13 +321,18 @@ impl Bus {
             );
             return;
         }
+        if !self.policy_open && !self.allow_message(from, Some(to), &msg, true) {
+            return;
+        }
         if msg_type == Type::MethodCall
             && expects_reply(&msg)
             && !self.note_pending_call(from, to, &msg)
         {
             return;
         }
-        self.copy_to_watchers(&msg, Some(to));
+        if show_watchers {
+            self.copy_to_watchers(&msg, Some(to));
+        }
         self.deliver_or_handle_full(from, to, &msg);
     }
 
@@ -305,6 +365,9 @@ impl Bus {
         caller.awaiting.insert(serial, to);
         if let Some(callee) = self.peers.get_mut(&to) {
             callee.owed.insert((from, serial));
+        }
+        if let Some(after) = self.limits.reply_timeout {
+            self.arm_reply_timer(from, serial, to, after);
         }
         true
     }
@@ -385,13 +448,21 @@ impl Bus {
         );
         drop(header);
         let recipients = self.matching_peers(msg, None, candidates);
+        let mut refused = None;
         for to in recipients {
+            if !self.policy_open && !self.allow_copy(to, msg, false) {
+                refused.get_or_insert(to);
+                continue;
+            }
             if !self.deliver(to, msg) {
                 if let Some(p) = self.peers.get(&to) {
                     warn!(receiver = %p.unique, "disconnecting: its outgoing queue is full and it does not read");
                 }
                 self.disconnect(to);
             }
+        }
+        if let Some(to) = refused {
+            self.report_refused_copy(to, msg);
         }
     }
 
@@ -402,6 +473,9 @@ impl Bus {
         }
         let recipients = self.matching_peers(msg, addressed, self.watchers.iter().copied());
         for to in recipients {
+            if !self.policy_open && !self.allow_copy(to, msg, true) {
+                continue;
+            }
             // Watchers lose a copy rather than anyone losing the original.
             self.deliver(to, msg);
         }
@@ -510,6 +584,9 @@ impl Bus {
     /// Delivers a message from the driver to one peer, showing it to monitors too.
     pub fn send_from_driver(&mut self, to: PeerId, msg: &Message) {
         self.copy_to_watchers(msg, Some(to));
+        if !self.policy_open && !self.allow_from_driver(to, msg) {
+            return;
+        }
         if !self.deliver(to, msg) {
             warn!(
                 peer = to,
@@ -585,6 +662,7 @@ impl Bus {
         peer.conn.closing.set(true);
         peer.conn.wake.notify_one();
         let announced = peer.registered && !peer.monitor;
+        let completed = peer.registered.then_some(peer.creds.uid);
         // Unregistered, it receives nothing more, but its unique name still reads in the signals.
         peer.registered = false;
         if announced {
@@ -594,13 +672,16 @@ impl Bus {
             self.announce(events);
             self.broadcast_owner_changed(&unique, &unique, "");
         }
+        if let Some(uid) = completed {
+            self.connection_gone(uid);
+        }
         self.unindex_rules(id);
         let Some(peer) = self.peers.remove(&id) else {
             return;
         };
         self.watchers.remove(&id);
         for (caller, serial) in in_call_order(peer.owed) {
-            self.send_no_reply(caller, serial, id);
+            self.send_no_reply(caller, serial, id, NO_REPLY_DISCONNECTED);
         }
     }
 
@@ -611,7 +692,23 @@ impl Bus {
         }
     }
 
-    fn send_no_reply(&mut self, caller: PeerId, serial: u32, callee: PeerId) {
+    /// After `after`, the call `serial` of `caller` to `callee` gets `NoReply` unless it was
+    /// answered (one timer per call, only when `reply_timeout` is configured).
+    fn arm_reply_timer(&self, caller: PeerId, serial: u32, callee: PeerId, after: Duration) {
+        let events = self.events.clone();
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(after).await;
+            // The bus may be gone at shutdown; nothing is left to time out then.
+            let _ = events.send(CoreEvent::ReplyTimedOut {
+                caller,
+                serial,
+                callee,
+            });
+        });
+    }
+
+    /// Answers a pending call with `NoReply` and `text`, unless it was answered already.
+    fn send_no_reply(&mut self, caller: PeerId, serial: u32, callee: PeerId, text: &str) {
         let Some(peer) = self.peers.get_mut(&caller) else {
             return;
         };
@@ -620,7 +717,9 @@ impl Bus {
         }
         peer.awaiting.remove(&serial);
         let unique = peer.unique.clone();
-        let text = "Message recipient disconnected from message bus without replying";
+        if let Some(callee) = self.peers.get_mut(&callee) {
+            callee.owed.remove(&(caller, serial));
+        }
         match no_reply_error(serial, &unique, text) {
             Ok(msg) => self.send_from_driver(caller, &msg),
             Err(e) => warn!("cannot build NoReply: {e}"),
@@ -656,10 +755,15 @@ impl Bus {
         self.index.add(id, None, None);
         self.refresh_watcher(id);
         for (caller, serial) in in_call_order(owed) {
-            self.send_no_reply(caller, serial, id);
+            self.send_no_reply(caller, serial, id, NO_REPLY_DISCONNECTED);
         }
     }
 }
+
+const NO_REPLY_DISCONNECTED: &str =
+    "Message recipient disconnected from message bus without replying";
+/// dbus-daemon's words for a call that `reply_timeout` ended.
+const NO_REPLY_TIMEOUT: &str = "Message did not receive a reply (timeout by message bus)";
 
 /// Pending calls in the order they were made, so that their `NoReply` errors come in that order.
 fn in_call_order(calls: HashSet<(PeerId, u32)>) -> Vec<(PeerId, u32)> {

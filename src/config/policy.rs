@@ -189,6 +189,46 @@ impl Policy {
         })
     }
 
+    /// Whether every message may be sent and received, eavesdropping included, whoever sends
+    /// it: no `<deny>` about messages anywhere, and catch-all `<allow>`s of both kinds in the
+    /// default context (as the stock session configuration has). The bus then skips the
+    /// per-message checks.
+    pub fn allows_all_messages(&self) -> bool {
+        let everything = |rule: &MessageRule| {
+            rule.message_type.is_none()
+                && rule.path.is_none()
+                && rule.interface.is_none()
+                && rule.member.is_none()
+                && rule.error.is_none()
+                && rule.peer == NameMatch::Any
+                && rule.broadcast.is_none()
+                && rule.eavesdrop
+                && rule.min_fds == 0
+                && rule.max_fds >= MAX_MESSAGE_UNIX_FDS
+        };
+        let no_message_deny = self.rules_for_anyone().all(|rule| {
+            rule.allow || !matches!(rule.kind, RuleKind::Send(_) | RuleKind::Receive(_))
+        });
+        let allows = |send: bool| {
+            self.default.iter().any(|rule| match &rule.kind {
+                RuleKind::Send(m) if send => rule.allow && everything(m),
+                RuleKind::Receive(m) if !send => rule.allow && everything(m),
+                _ => false,
+            })
+        };
+        no_message_deny && allows(true) && allows(false)
+    }
+
+    /// Every rule of every context.
+    fn rules_for_anyone(&self) -> impl Iterator<Item = &Rule> {
+        self.default
+            .iter()
+            .chain(self.groups.values().flatten())
+            .chain(self.users.values().flatten())
+            .chain(&self.not_at_console)
+            .chain(&self.mandatory)
+    }
+
     /// Applies the connection's rules in order; the last one that `applies`
     /// wins.
     fn decide(&self, uid: u32, gids: &[u32], applies: impl Fn(&Rule) -> bool) -> Verdict {
