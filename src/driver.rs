@@ -469,7 +469,7 @@ impl Bus {
                     return Err(unknown_interface(&interface));
                 }
                 match property.as_str() {
-                    "Features" => reply(msg, &(Value::from(features()),)),
+                    "Features" => reply(msg, &(Value::from(features(self.activation.systemd)),)),
                     "Interfaces" => reply(msg, &(Value::from(optional_interfaces()),)),
                     _ => Err(fail(
                         "org.freedesktop.DBus.Error.UnknownProperty",
@@ -481,7 +481,7 @@ impl Bus {
                 let (interface,): (String,) = args(msg)?;
                 let mut all: HashMap<&str, Value<'_>> = HashMap::new();
                 if interface == DRIVER {
-                    all.insert("Features", Value::from(features()));
+                    all.insert("Features", Value::from(features(self.activation.systemd)));
                     all.insert("Interfaces", Value::from(optional_interfaces()));
                 } else if !KNOWN_INTERFACES.contains(&interface.as_str()) {
                     // The other interfaces of the driver have no properties.
@@ -539,8 +539,14 @@ const KNOWN_INTERFACES: &[&str] = &[
     MONITORING_IFACE,
 ];
 
-fn features() -> Vec<&'static str> {
-    Vec::new()
+/// What this bus does of dbus-daemon's optional behaviours: it drops unknown header fields
+/// (`header_filter`), and starts services through systemd when asked to.
+fn features(systemd_activation: bool) -> Vec<&'static str> {
+    let mut features = vec!["HeaderFiltering"];
+    if systemd_activation {
+        features.push("SystemdActivation");
+    }
+    features
 }
 
 fn optional_interfaces() -> Vec<&'static str> {

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod driver;
+pub mod header_filter;
 pub mod match_rule;
 pub mod server;
 pub mod supervisor;

@@ -234,8 +234,14 @@ impl FrameReader {
         let data = Data::new_fds(bytes, Context::new(endian, 0), fds);
         // SAFETY: `from_bytes` checks the header itself; the body is checked right below, before
         // anything reads it.
-        let msg = unsafe { Message::from_bytes(data) }
-            .map_err(|e| invalid(format!("bad header: {e}")))?;
+        let msg = match unsafe { Message::from_bytes(data.clone()) } {
+            Ok(msg) => msg,
+            // A header field the specification does not define is dropped, not refused.
+            Err(e) => crate::header_filter::without_unknown_fields(&data)
+                // SAFETY: as above.
+                .and_then(|filtered| unsafe { Message::from_bytes(filtered) }.ok())
+                .ok_or_else(|| invalid(format!("bad header: {e}")))?,
+        };
         msg.body()
             .validate()
             .map_err(|e| invalid(format!("bad body: {e}")))?;
