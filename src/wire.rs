@@ -9,6 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use zbus::Message;
+use zbus::names::UniqueName;
 use zbus::wire::Endian;
 use zbus::wire::serialized::{Context, Data};
 
@@ -206,6 +207,28 @@ impl FrameReader {
         Ok(&data[take..])
     }
 
+    /// A header with a field whose value `stamp` cannot walk (an undefined field of some other
+    /// type): zbus's parser reads it, with undefined fields dropped first if there are any, and
+    /// the sender is stamped after.
+    fn parse_unreadable_header(
+        &self,
+        bytes: &[u8],
+        endian: Endian,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Message, WireError> {
+        let data = Data::new_fds(bytes.to_vec(), Context::new(endian, 0), fds);
+        // SAFETY: `from_bytes` checks the header itself; the body is checked by the caller.
+        let msg = match unsafe { Message::from_bytes(data.clone()) } {
+            Ok(msg) => msg,
+            Err(e) => crate::header_filter::without_unknown_fields(&data)
+                // SAFETY: as above.
+                .and_then(|filtered| unsafe { Message::from_bytes(filtered) }.ok())
+                .ok_or_else(|| invalid(format!("bad header: {e}")))?,
+        };
+        msg.with_sender(&UniqueName::from_str_unchecked(&self.sender))
+            .map_err(|e| invalid(format!("cannot stamp the sender: {e}")))
+    }
+
     /// Checks one whole message, stamped with the connection's name as it is copied: header, then
     /// body against its signature.
     fn parse(&mut self, bytes: &[u8], limits: &FrameLimits) -> Result<Message, WireError> {
@@ -227,20 +250,17 @@ impl FrameReader {
                 self.fds.len()
             )));
         }
-        let bytes = stamp(bytes, endian, &self.sender)
-            .filter(|b| b.len() <= limits.max_message_size)
-            .unwrap_or_else(|| bytes.to_vec());
         let fds: Vec<OwnedFd> = self.fds.drain(..nfds).collect();
-        let data = Data::new_fds(bytes, Context::new(endian, 0), fds);
-        // SAFETY: `from_bytes` checks the header itself; the body is checked right below, before
-        // anything reads it.
-        let msg = match unsafe { Message::from_bytes(data.clone()) } {
-            Ok(msg) => msg,
-            // A header field the specification does not define is dropped, not refused.
-            Err(e) => crate::header_filter::without_unknown_fields(&data)
-                // SAFETY: as above.
-                .and_then(|filtered| unsafe { Message::from_bytes(filtered) }.ok())
-                .ok_or_else(|| invalid(format!("bad header: {e}")))?,
+        let stamped =
+            stamp(bytes, endian, &self.sender).filter(|b| b.len() <= limits.max_message_size);
+        let msg = match stamped {
+            // SAFETY: `from_bytes` checks the header itself; the body is checked right below,
+            // before anything reads it.
+            Some(stamped) => {
+                unsafe { Message::from_bytes(Data::new_fds(stamped, Context::new(endian, 0), fds)) }
+                    .map_err(|e| invalid(format!("bad header: {e}")))?
+            }
+            None => self.parse_unreadable_header(bytes, endian, fds)?,
         };
         msg.body()
             .validate()
@@ -660,6 +680,29 @@ mod tests {
         let mut out = Vec::new();
         reader().take_messages(&extra, &limits(), &mut out).unwrap();
         assert_eq!(out[0].header().member().unwrap().as_str(), "C");
+        assert_eq!(out[0].header().sender().unwrap().as_str(), ":1.7");
+        assert_eq!(out[0].body().deserialize::<String>().unwrap(), "body");
+    }
+
+    #[test]
+    fn an_undefined_field_of_another_type_is_dropped_and_the_sender_still_stamped() {
+        let forged = Message::signal("/p", "a.B", "C")
+            .sender(":1.99")
+            .build(&("body",))
+            .unwrap();
+        let bytes = forged.data().bytes();
+        let fields_end = 16 + u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+        let mut extra = bytes[..fields_end].to_vec();
+        extra.resize(fields_end.next_multiple_of(8), 0);
+        // Code 50, a variant of type "ay" holding [1, 2].
+        extra.extend_from_slice(&[50, 2, b'a', b'y', 0, 0, 0, 0, 2, 0, 0, 0, 1, 2]);
+        let new_len = (extra.len() - 16) as u32;
+        extra[12..16].copy_from_slice(&new_len.to_le_bytes());
+        extra.resize(extra.len().next_multiple_of(8), 0);
+        extra.extend_from_slice(&bytes[fields_end.next_multiple_of(8)..]);
+
+        let mut out = Vec::new();
+        reader().take_messages(&extra, &limits(), &mut out).unwrap();
         assert_eq!(out[0].header().sender().unwrap().as_str(), ":1.7");
         assert_eq!(out[0].body().deserialize::<String>().unwrap(), "body");
     }
