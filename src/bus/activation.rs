@@ -53,6 +53,15 @@ impl Bus {
             pending.waiters.push(waiter);
             return;
         }
+        if self.activation.pending.len() >= self.limits.max_pending_service_starts {
+            let failure = StartFailure {
+                error: "org.freedesktop.DBus.Error.LimitsExceeded".into(),
+                text: "The maximum number of pending activations has been reached".into(),
+            };
+            warn!(service = name, "start refused: {}", failure.text);
+            self.fail_waiters(vec![waiter], &failure);
+            return;
+        }
         if self.started_by_systemd(name) {
             self.activate_via_systemd(name, waiter);
             return;
