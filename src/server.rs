@@ -164,14 +164,20 @@ fn bind_all(
     opts: &Options,
     config: &Config,
 ) -> Result<Vec<(UnixListener, ListenAddress, SocketFile)>, String> {
+    let parse = |text: &String| {
+        ListenAddress::parse(text).map_err(|e| format!("cannot listen on {text}: {e}"))
+    };
     let addresses = match &opts.address {
-        Some(a) => vec![a.clone()],
-        None => config.listen.clone(),
+        Some(a) => vec![parse(a)?],
+        // The stock session configuration says unix:tmpdir=/tmp; a session bus of our own
+        // prefers $XDG_RUNTIME_DIR/bus, where clients look first.
+        None if opts.config_file.is_none() && !opts.system => {
+            vec![ListenAddress::session_default()]
+        }
+        None => config.listen.iter().map(parse).collect::<Result<_, _>>()?,
     };
     let mut bound_all = Vec::new();
-    for text in &addresses {
-        let wanted =
-            ListenAddress::parse(text).map_err(|e| format!("cannot listen on {text}: {e}"))?;
+    for wanted in addresses {
         let (std_listener, bound) = wanted.bind().map_err(|e| e.to_string())?;
         let socket_file = SocketFile(bound.socket_file().map(Into::into));
         std_listener

@@ -695,3 +695,34 @@ fn print_address_and_pid_go_to_the_given_fds_in_one_line_each() {
     );
     child.wait().unwrap();
 }
+
+#[test]
+fn without_an_address_the_session_bus_listens_in_the_runtime_dir() {
+    use std::io::BufRead;
+    let runtime = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["--session", "--print-address"])
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let socket = runtime.path().join("bus");
+    assert!(
+        line.starts_with(&format!("unix:path={},guid=", socket.display())),
+        "{line}"
+    );
+    RawClient::connect(&socket)
+        .driver_call("GetId", &())
+        .unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    child.wait().unwrap();
+    assert!(!socket.exists());
+}
