@@ -106,6 +106,7 @@ async fn serve(opts: Options) -> Result<(), String> {
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
         }
     }
+    shared.bus.borrow_mut().stop_pending_starts();
     Ok(())
 }
 

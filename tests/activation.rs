@@ -1322,3 +1322,29 @@ fn messages_held_for_a_starting_service_are_bounded() {
     );
     assert_eq!(bus.spawned(name).len(), 1);
 }
+
+#[test]
+fn stopping_the_bus_stops_the_starts_still_in_progress() {
+    let files = Files::new();
+    let name = "org.test.stop.Slow";
+    files.toml("slow.toml", name, &["/bin/sleep", "30"], "");
+    let mut bus = files.start_with(&[LONG_START_TIMEOUT], &[]);
+    let mut c = bus.client();
+    send_driver_call(&mut c, "StartServiceByName", &(name, 0u32));
+    let pid = loop {
+        if let [pid] = bus.spawned(name)[..] {
+            break pid;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    bus.broker.stop();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // Gone, or a zombie that init is about to reap.
+    while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z")) {
+        assert!(
+            Instant::now() < deadline,
+            "the start in progress outlived the bus"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -249,13 +249,17 @@ impl Bus {
             return;
         };
         let timeout = self.activation.timeout_of(pending);
-        // The service is in a process group of its own; stop what is left of this start
-        // (pid 0: systemd started it, not us).
-        if pending.pid != 0 {
-            let group = nix::unistd::Pid::from_raw(-(pending.pid as i32));
-            let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGTERM);
-        }
+        stop_start(pending);
         self.fail_start(name, StartFailure::timed_out(name, timeout));
+    }
+
+    /// At shutdown: stops the starts still in progress. Running services end on their own when
+    /// their connection closes; a service still starting has none yet.
+    pub fn stop_pending_starts(&mut self) {
+        for (name, pending) in &self.activation.pending {
+            info!(service = %name, pid = pending.pid, "stopping a start in progress");
+            stop_start(pending);
+        }
     }
 
     pub(super) fn fail_start(&mut self, name: &str, failure: StartFailure) {
@@ -292,6 +296,15 @@ impl Bus {
         };
         info!(peer = %p.unique, pid = p.creds.pid, "the process that owned this connection's names exited; dropping the connection");
         self.disconnect(peer);
+    }
+}
+
+/// SIGTERM to what is left of a start: the service runs in a process group of its own (pid 0:
+/// systemd started it, not us).
+fn stop_start(pending: &crate::activation::Pending) {
+    if pending.pid != 0 {
+        let group = nix::unistd::Pid::from_raw(-(pending.pid as i32));
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGTERM);
     }
 }
 
