@@ -537,6 +537,20 @@ mod tests {
         }
     }
 
+    /// A little-endian message with one more header field (its bytes as given) after the others.
+    fn with_extra_field(msg: &Message, field: &[u8]) -> Vec<u8> {
+        let bytes = msg.data().bytes();
+        let fields_end = 16 + u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+        let mut out = bytes[..fields_end].to_vec();
+        out.resize(fields_end.next_multiple_of(8), 0);
+        out.extend_from_slice(field);
+        let new_len = (out.len() - 16) as u32;
+        out[12..16].copy_from_slice(&new_len.to_le_bytes());
+        out.resize(out.len().next_multiple_of(8), 0);
+        out.extend_from_slice(&bytes[fields_end.next_multiple_of(8)..]);
+        out
+    }
+
     fn reader() -> FrameReader {
         FrameReader::new(":1.7".into(), Vec::new())
     }
@@ -667,15 +681,7 @@ mod tests {
     fn drops_header_fields_the_specification_does_not_define() {
         // A signal with an extra field of code 42 (a string) inserted before the body.
         let plain = Message::signal("/p", "a.B", "C").build(&("body",)).unwrap();
-        let bytes = plain.data().bytes();
-        let fields_end = 16 + u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
-        let mut extra = bytes[..fields_end].to_vec();
-        extra.resize(fields_end.next_multiple_of(8), 0);
-        extra.extend_from_slice(&[42, 1, b's', 0, 3, 0, 0, 0, b'x', b'y', b'z', 0]);
-        let new_len = (extra.len() - 16) as u32;
-        extra[12..16].copy_from_slice(&new_len.to_le_bytes());
-        extra.resize(extra.len().next_multiple_of(8), 0);
-        extra.extend_from_slice(&bytes[fields_end.next_multiple_of(8)..]);
+        let extra = with_extra_field(&plain, &[42, 1, b's', 0, 3, 0, 0, 0, b'x', b'y', b'z', 0]);
 
         let mut out = Vec::new();
         reader().take_messages(&extra, &limits(), &mut out).unwrap();
@@ -690,16 +696,8 @@ mod tests {
             .sender(":1.99")
             .build(&("body",))
             .unwrap();
-        let bytes = forged.data().bytes();
-        let fields_end = 16 + u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
-        let mut extra = bytes[..fields_end].to_vec();
-        extra.resize(fields_end.next_multiple_of(8), 0);
         // Code 50, a variant of type "ay" holding [1, 2].
-        extra.extend_from_slice(&[50, 2, b'a', b'y', 0, 0, 0, 0, 2, 0, 0, 0, 1, 2]);
-        let new_len = (extra.len() - 16) as u32;
-        extra[12..16].copy_from_slice(&new_len.to_le_bytes());
-        extra.resize(extra.len().next_multiple_of(8), 0);
-        extra.extend_from_slice(&bytes[fields_end.next_multiple_of(8)..]);
+        let extra = with_extra_field(&forged, &[50, 2, b'a', b'y', 0, 0, 0, 0, 2, 0, 0, 0, 1, 2]);
 
         let mut out = Vec::new();
         reader().take_messages(&extra, &limits(), &mut out).unwrap();

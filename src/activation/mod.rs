@@ -252,6 +252,11 @@ impl Activation {
                 return Err(StartFailure::exec(name, &e));
             }
         };
+        Ok(self.record_start(name, service, pid))
+    }
+
+    /// Files a start of `name` by process `pid` (0: someone else's process) as pending.
+    fn record_start(&mut self, name: &str, service: ServiceFile, pid: u32) -> &mut Pending {
         let generation = self.next_generation;
         self.next_generation += 1;
         let pending = Pending {
@@ -262,11 +267,10 @@ impl Activation {
             waiters: Vec::new(),
             held_bytes: 0,
         };
-        Ok(self
-            .pending
+        self.pending
             .entry(name.to_owned())
             .insert_entry(pending)
-            .into_mut())
+            .into_mut()
     }
 
     /// The systemd unit that starts `name`, when systemd activation is on and its file names one.
@@ -285,21 +289,7 @@ impl Activation {
                 text: format!("The name {name} was not provided by any .service files"),
             });
         };
-        let generation = self.next_generation;
-        self.next_generation += 1;
-        let pending = Pending {
-            service,
-            pid: 0,
-            generation,
-            daemonized: false,
-            waiters: Vec::new(),
-            held_bytes: 0,
-        };
-        Ok(self
-            .pending
-            .entry(name.to_owned())
-            .insert_entry(pending)
-            .into_mut())
+        Ok(self.record_start(name, service, 0))
     }
 
     /// How long a start of this pending service may take.
