@@ -32,9 +32,9 @@ const WELL_BEFORE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A shell script (argument 1: a file) that waits until the file exists, then runs the rest of
 /// its arguments in its place, or exits 0 if there are none. It holds a start in progress for
-/// as long as a test needs.
-const GATE_SCRIPT: &str =
-    r#"while [ ! -e "$1" ]; do sleep 0.02; done; shift; [ $# -eq 0 ] || exec "$@""#;
+/// as long as a test needs, and gives up once the test's directory is gone, so that no test
+/// leaves it behind.
+const GATE_SCRIPT: &str = r#"while [ ! -e "$1" ]; do [ -d "${1%/*}" ] || exit 1; sleep 0.02; done; shift; [ $# -eq 0 ] || exec "$@""#;
 
 // ---------------------------------------------------------------------------
 // Setting up a broker with activation files.
