@@ -726,3 +726,61 @@ fn without_an_address_the_session_bus_listens_in_the_runtime_dir() {
     child.wait().unwrap();
     assert!(!socket.exists());
 }
+
+const POLICY_CONFIG: &str = r#"<busconfig>
+  <type>session</type>
+  <listen>unix:tmpdir=/tmp</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+    <deny send_interface="org.example.Forbidden"/>
+    <deny own="org.example.NotYours"/>
+  </policy>
+</busconfig>
+"#;
+
+#[test]
+fn a_configured_policy_refuses_what_it_denies_and_passes_the_rest() {
+    let broker = Broker::start_with_config(POLICY_CONFIG);
+    let mut owner = RawClient::connect(&broker.socket);
+    let mut caller = RawClient::connect(&broker.socket);
+    owner
+        .driver_call("RequestName", &("org.example.Target", 0u32))
+        .unwrap();
+
+    let err = caller
+        .driver_call("RequestName", &("org.example.NotYours", 0u32))
+        .unwrap_err();
+    assert_eq!(error_name(&err), "org.freedesktop.DBus.Error.AccessDenied");
+
+    let denied = caller.next_serial();
+    caller.send(
+        &Message::method_call("/o", "Do")
+            .interface("org.example.Forbidden")
+            .destination("org.example.Target")
+            .serial(denied)
+            .build(&())
+            .unwrap(),
+    );
+    let err = caller.reply_to(denied).unwrap_err();
+    assert_eq!(error_name(&err), "org.freedesktop.DBus.Error.AccessDenied");
+
+    let allowed = caller.next_serial();
+    caller.send(
+        &call_to("org.example.Target", "Do", allowed)
+            .build(&())
+            .unwrap(),
+    );
+    let call = owner.recv_until(|m| member_of(m) == "Do");
+    assert_eq!(
+        call.header().interface().unwrap().as_str(),
+        "org.example.Test"
+    );
+    assert_eq!(
+        call.primary_header().serial_num(),
+        allowed,
+        "only the allowed call arrived"
+    );
+}

@@ -35,10 +35,29 @@ impl Broker {
     /// Like `start_with`, with `env` added to the broker's environment.
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
+        Broker::launch(dir, Some("--session"), extra, env)
+    }
+
+    /// Starts the broker on the configuration file `config` (its `<listen>` is overridden by a
+    /// socket of the test's).
+    pub fn start_with_config(config: &str) -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("bus.conf");
+        std::fs::write(&file, config).expect("config file");
+        let arg = format!("--config-file={}", file.display());
+        Broker::launch(dir, None, &[&arg], &[])
+    }
+
+    fn launch(
+        dir: tempfile::TempDir,
+        kind: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Broker {
         let socket = dir.path().join("bus");
         let log = dir.path().join("broker.log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))
-            .arg("--session")
+            .args(kind)
             .arg(format!("--address=unix:path={}", socket.display()))
             .arg("--print-address")
             .args(extra)
