@@ -43,6 +43,7 @@ const PEER_IFACE: &str = "org.freedesktop.DBus.Peer";
 const INTROSPECTABLE_IFACE: &str = "org.freedesktop.DBus.Introspectable";
 const PROPERTIES_IFACE: &str = "org.freedesktop.DBus.Properties";
 const MONITORING_IFACE: &str = "org.freedesktop.DBus.Monitoring";
+const STATS_IFACE: &str = "org.freedesktop.DBus.Debug.Stats";
 
 impl Bus {
     /// Handles a message addressed to `org.freedesktop.DBus`.
@@ -103,7 +104,7 @@ impl Bus {
         let path = header.path().map_or("/", |p| p.as_str());
         let canonical = path == DRIVER_PATH;
         let privileged = match interface {
-            Some(PROPERTIES_IFACE | MONITORING_IFACE) if !canonical => {
+            Some(PROPERTIES_IFACE | MONITORING_IFACE | STATS_IFACE) if !canonical => {
                 return Err(fail(
                     "org.freedesktop.DBus.Error.UnknownInterface",
                     format!(
@@ -156,6 +157,7 @@ impl Bus {
                 reply(msg, &(introspect(path),))
             }
             (Some(PROPERTIES_IFACE), _) => self.properties(msg, member),
+            (Some(STATS_IFACE), _) => self.stats(msg, member),
             (None | Some(DRIVER), _) => self.bus_method(from, msg, member),
             (Some(other), _) if !KNOWN_INTERFACES.contains(&other) => Err(fail(
                 "org.freedesktop.DBus.Error.UnknownInterface",
@@ -510,6 +512,59 @@ impl Bus {
         }
     }
 
+    /// `org.freedesktop.DBus.Debug.Stats`: counts of what the bus holds now.
+    fn stats(&self, msg: &Message, member: &str) -> Outcome {
+        let registered = || self.peers.values().filter(|p| p.registered);
+        match member {
+            "GetStats" => {
+                let _: () = args(msg)?;
+                let mut stats: HashMap<&str, Value<'_>> = HashMap::new();
+                stats.insert("ActiveConnections", Value::U32(registered().count() as u32));
+                let incomplete = self.peers.values().filter(|p| !p.registered).count();
+                stats.insert("IncompleteConnections", Value::U32(incomplete as u32));
+                let rules: usize = self.peers.values().map(|p| p.rules.len()).sum();
+                stats.insert("MatchRules", Value::U32(rules as u32));
+                stats.insert("BusNames", Value::U32(self.names.names().count() as u32));
+                reply(msg, &(stats,))
+            }
+            "GetConnectionStats" => {
+                let (name,): (String,) = args(msg)?;
+                let id = self.resolve(&name).ok_or_else(|| {
+                    no_owner(format!(
+                        "Could not get statistics of name '{name}': no such name"
+                    ))
+                })?;
+                let peer = self
+                    .peers
+                    .get(&id)
+                    .ok_or_else(|| invalid_args("unknown connection"))?;
+                let mut stats: HashMap<&str, Value<'_>> = HashMap::new();
+                stats.insert("UniqueName", Value::from(peer.unique.as_str()));
+                stats.insert("MatchRules", Value::U32(peer.rules.len() as u32));
+                stats.insert("BusNames", Value::U32(self.names.count_for(id) as u32));
+                let queued = peer.conn.outbox.borrow().queued_bytes();
+                stats.insert(
+                    "OutgoingBytes",
+                    Value::U32(queued.min(u32::MAX as usize) as u32),
+                );
+                reply(msg, &(stats,))
+            }
+            "GetAllMatchRules" => {
+                let _: () = args(msg)?;
+                let all: HashMap<&str, Vec<String>> = registered()
+                    .map(|p| {
+                        (
+                            p.unique.as_str(),
+                            p.rules.iter().map(|r| r.to_string()).collect(),
+                        )
+                    })
+                    .collect();
+                reply(msg, &(all,))
+            }
+            _ => Err(unknown_method(STATS_IFACE, member)),
+        }
+    }
+
     /// `BecomeMonitor`: the reply goes out first, then the connection turns into a monitor.
     fn become_monitor(&mut self, from: PeerId, msg: &Message) -> Result<(), Fail> {
         let (texts, flags): (Vec<String>, u32) = args(msg)?;
@@ -537,6 +592,7 @@ const KNOWN_INTERFACES: &[&str] = &[
     INTROSPECTABLE_IFACE,
     PROPERTIES_IFACE,
     MONITORING_IFACE,
+    STATS_IFACE,
 ];
 
 /// What this bus does of dbus-daemon's optional behaviours: it drops unknown header fields
@@ -550,7 +606,7 @@ fn features(systemd_activation: bool) -> Vec<&'static str> {
 }
 
 fn optional_interfaces() -> Vec<&'static str> {
-    vec![MONITORING_IFACE]
+    vec![MONITORING_IFACE, STATS_IFACE]
 }
 
 /// `MatchRuleInvalid`, or `LimitsExceeded` for an over-long rule.
@@ -702,6 +758,11 @@ const DRIVER_INTERFACES_XML: &str = r#"  <interface name="org.freedesktop.DBus">
   </interface>
   <interface name="org.freedesktop.DBus.Monitoring">
     <method name="BecomeMonitor"><arg direction="in" type="as"/><arg direction="in" type="u"/></method>
+  </interface>
+  <interface name="org.freedesktop.DBus.Debug.Stats">
+    <method name="GetStats"><arg direction="out" type="a{sv}"/></method>
+    <method name="GetConnectionStats"><arg direction="in" type="s"/><arg direction="out" type="a{sv}"/></method>
+    <method name="GetAllMatchRules"><arg direction="out" type="a{sas}"/></method>
   </interface>
   <interface name="org.freedesktop.DBus.Peer">
     <method name="GetMachineId"><arg direction="out" type="s"/></method>

@@ -39,6 +39,52 @@ pub struct MatchRule {
     eavesdrop: bool,
 }
 
+/// The rule in the grammar it was parsed from, in a canonical order, as `GetAllMatchRules`
+/// reports it; parsing the text gives the same rule back.
+impl fmt::Display for MatchRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let quote = |v: &str| format!("'{}'", v.replace('\'', "'\\''"));
+        let mut clauses = Vec::new();
+        if let Some(t) = self.msg_type {
+            let name = match t {
+                Type::MethodCall => "method_call",
+                Type::MethodReturn => "method_return",
+                Type::Error => "error",
+                Type::Signal => "signal",
+            };
+            clauses.push(format!("type={}", quote(name)));
+        }
+        let named = [
+            ("sender", &self.sender),
+            ("interface", &self.interface),
+            ("member", &self.member),
+            ("destination", &self.destination),
+        ];
+        for (key, value) in named {
+            if let Some(v) = value {
+                clauses.push(format!("{key}={}", quote(v)));
+            }
+        }
+        match &self.path {
+            Some(PathMatch::Exact(p)) => clauses.push(format!("path={}", quote(p))),
+            Some(PathMatch::Namespace(p)) => clauses.push(format!("path_namespace={}", quote(p))),
+            None => {}
+        }
+        for arg in &self.args {
+            let suffix = match arg.kind {
+                ArgKind::Str => "",
+                ArgKind::Path => "path",
+                ArgKind::Namespace => "namespace",
+            };
+            clauses.push(format!("arg{}{suffix}={}", arg.index, quote(&arg.value)));
+        }
+        if self.eavesdrop {
+            clauses.push("eavesdrop='true'".to_owned());
+        }
+        f.write_str(&clauses.join(","))
+    }
+}
+
 /// `path` and `path_namespace` exclude each other, so one slot holds either.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum PathMatch {
@@ -1559,5 +1605,24 @@ mod tests {
             assert!(!matches(&broken, &msg), "{broken}");
         }
         Ok(())
+    }
+
+    #[test]
+    fn a_rule_written_out_parses_back_to_itself() {
+        for text in [
+            "",
+            "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',member='NameOwnerChanged'",
+            "path_namespace='/a/b',arg0namespace='com.example',arg2path='/x/',eavesdrop='true'",
+            "type='method_call',destination=':1.5',path='/p',arg1='it''s'",
+            r"arg0=\',arg3='\\'",
+        ] {
+            let rule = MatchRule::parse(text).unwrap();
+            let written = rule.to_string();
+            assert_eq!(
+                MatchRule::parse(&written).unwrap(),
+                rule,
+                "{text} wrote {written}"
+            );
+        }
     }
 }

@@ -784,3 +784,46 @@ fn a_configured_policy_refuses_what_it_denies_and_passes_the_rest() {
         "only the allowed call arrived"
     );
 }
+
+#[test]
+fn debug_stats_counts_connections_names_and_rules() {
+    use std::collections::HashMap;
+    let broker = Broker::start();
+    let mut a = RawClient::connect(&broker.socket);
+    a.driver_call("RequestName", &("org.example.Stats", 0u32))
+        .unwrap();
+    a.driver_call("AddMatch", &("type='signal',member='It''s'",))
+        .unwrap();
+    let mut stats_call = |member: &str, body: Option<&str>| {
+        let serial = a.next_serial();
+        let builder = Message::method_call("/org/freedesktop/DBus", member.to_owned())
+            .interface("org.freedesktop.DBus.Debug.Stats")
+            .destination("org.freedesktop.DBus")
+            .serial(serial);
+        let call = match body {
+            Some(name) => builder.build(&(name,)),
+            None => builder.build(&()),
+        };
+        a.send(&call.unwrap());
+        a.reply_to(serial).unwrap()
+    };
+    let stats: HashMap<String, zbus::OwnedVariant> =
+        stats_call("GetStats", None).body().deserialize().unwrap();
+    assert_eq!(u32::try_from(&*stats["BusNames"]).unwrap(), 1);
+    assert_eq!(u32::try_from(&*stats["MatchRules"]).unwrap(), 1);
+    let mine: HashMap<String, zbus::OwnedVariant> =
+        stats_call("GetConnectionStats", Some("org.example.Stats"))
+            .body()
+            .deserialize()
+            .unwrap();
+    assert_eq!(u32::try_from(&*mine["MatchRules"]).unwrap(), 1);
+    let rules: HashMap<String, Vec<String>> = stats_call("GetAllMatchRules", None)
+        .body()
+        .deserialize()
+        .unwrap();
+    let unique = rules.keys().find(|k| rules[*k].len() == 1).unwrap().clone();
+    assert_eq!(
+        rules[&unique],
+        vec!["type='signal',member='Its'".to_string()]
+    );
+}
