@@ -254,10 +254,11 @@ impl Bus {
             self.disconnect(from);
             return;
         }
-        let header = msg.header();
-        let destination = header.destination().map(|d| d.as_str().to_owned());
-        drop(header);
-        match destination.as_deref() {
+        // The destination is read from a second handle on the message, which `unicast` can take
+        // while the name stays borrowed: no copy of it per message.
+        let held = msg.clone();
+        let header = held.header();
+        match header.destination().map(|d| d.as_str()) {
             Some(DRIVER) => {
                 // As in dbus-daemon, monitors see a signal to the driver (systemd's
                 // `ActivationFailure`) after what it caused.
