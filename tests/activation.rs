@@ -39,20 +39,9 @@ const GATE_SCRIPT: &str = r#"while [ ! -e "$1" ]; do [ -d "${1%/*}" ] || exit 1;
 // ---------------------------------------------------------------------------
 // Setting up a broker with activation files.
 
-/// The built example `name` (`target/debug/deps/activation-…` → `target/debug/examples/NAME`).
+/// The built example `name`, as a path string for activation files.
 fn example(name: &str) -> String {
-    let exe = std::env::current_exe().expect("own path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary in target/<profile>/deps");
-    let path = profile_dir.join("examples").join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build --examples` (plain `cargo test` builds it)",
-        path.display()
-    );
-    path.display().to_string()
+    common::example_path(name).display().to_string()
 }
 
 /// A fresh directory with an activation directory in it, filled before the broker starts.

@@ -10,6 +10,9 @@
 //! `cargo test --test examples` alone does not (run `cargo build --examples`
 //! first).
 
+mod common;
+
+use common::example_path;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::{BufRead, BufReader};
@@ -43,23 +46,6 @@ const PATIENCE: Duration = Duration::from_secs(20);
 const ECHO: (&str, &str) = ("echo_service", "org.broker.Echo");
 const DAEMON: (&str, &str) = ("daemon_service", "org.broker.Daemon");
 const CRASH: (&str, &str) = ("crash_service", "org.broker.Crash");
-
-/// The built example `name`, next to this test binary
-/// (`target/debug/deps/examples-…` → `target/debug/examples/NAME`).
-fn example_path(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary in target/<profile>/deps");
-    let path = profile_dir.join("examples").join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build --examples` (plain `cargo test` builds it)",
-        path.display()
-    );
-    path
-}
 
 /// A `dbus-daemon` on a socket in a fresh directory, killed and reaped when
 /// dropped unless a test stopped it.

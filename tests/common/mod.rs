@@ -12,6 +12,23 @@ use zbus::Message;
 use zbus::wire::Endian;
 use zbus::wire::serialized::{Context, Data};
 
+/// The built example `name`, next to the test binary
+/// (`target/debug/deps/<test>-…` → `target/debug/examples/NAME`).
+pub fn example_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary in target/<profile>/deps");
+    let path = profile_dir.join("examples").join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --examples` (plain `cargo test` builds it)",
+        path.display()
+    );
+    path
+}
+
 /// A running broker, stopped with SIGTERM when dropped.
 pub struct Broker {
     child: Child,
