@@ -6,13 +6,13 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::rc::Rc;
 
-use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use crate::auth::{self, AuthPolicy};
 use crate::bus::{Bus, Conn, Credentials, PeerId};
+use crate::socket::Socket;
 use zbus::Message;
 
 use crate::wire::{FrameLimits, FrameReader, WireError};
@@ -111,7 +111,14 @@ pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
         warn!(pid, uid, "refusing a connection: {why}");
         return;
     }
-    let conn = Conn::new(stream);
+    let socket = match Socket::new(stream) {
+        Ok(socket) => socket,
+        Err(e) => {
+            warn!(pid, uid, "cannot register an authenticated connection: {e}");
+            return;
+        }
+    };
+    let conn = Conn::new(socket);
     let id = shared
         .bus
         .borrow_mut()
@@ -145,11 +152,11 @@ async fn run(
         tokio::select! {
             biased;
             _ = conn.wake.notified() => {}
-            ready = conn.stream.writable(), if pending_write => {
+            ready = conn.socket.writable(), if pending_write => {
                 ready.map_err(WireError::Io)?;
                 conn.flush();
             }
-            ready = conn.stream.readable() => {
+            ready = conn.socket.readable() => {
                 ready.map_err(WireError::Io)?;
                 read_turn(shared, conn, id, reader, &mut batch)?;
             }
@@ -166,8 +173,7 @@ fn read_turn(
     batch: &mut Vec<Message>,
 ) -> Result<(), WireError> {
     for _ in 0..READS_PER_TURN {
-        let fd = conn.stream.as_raw_fd();
-        let outcome = conn.stream.try_io(Interest::READABLE, || {
+        let outcome = conn.socket.try_read(|fd| {
             let mut scratch = shared.scratch.borrow_mut();
             match reader.read(fd, &mut scratch, &shared.frame_limits, batch) {
                 Err(WireError::Io(e)) => Err(e),

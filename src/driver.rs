@@ -455,7 +455,7 @@ impl Bus {
             // Asked of the kernel only now: a pidfd per connection would double the bus's fds.
             let pidfd = conn
                 .filter(|_| caller_takes_fds)
-                .and_then(|c| peer_pidfd(c.stream.as_fd()));
+                .and_then(|c| peer_pidfd(c.socket.as_fd()));
             if let Some(pidfd) = &pidfd {
                 dict.insert("ProcessFD", Value::Fd(Fd::from(pidfd.as_fd())));
             }

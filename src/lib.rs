@@ -11,5 +11,6 @@ pub mod driver;
 pub mod header_filter;
 pub mod match_rule;
 pub mod server;
+pub mod socket;
 pub mod supervisor;
 pub mod wire;

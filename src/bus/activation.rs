@@ -133,7 +133,7 @@ impl Bus {
         }
         p.service_owner = true;
         // Without a pidfd (kernels before 6.5), the reaper's report of the exit does the same.
-        let Some(pidfd) = supervisor::peer_pidfd(p.conn.stream.as_fd()) else {
+        let Some(pidfd) = supervisor::peer_pidfd(p.conn.socket.as_fd()) else {
             return;
         };
         let events = self.events.clone();

@@ -15,16 +15,15 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Duration;
 
-use tokio::io::Interest;
-use tokio::net::UnixStream;
 use tokio::sync::Notify;
-use tracing::{debug, warn};
+use tracing::{debug, trace, warn};
 use zbus::Message;
 use zbus::message::{Flags, Type};
 
 use crate::activation::{Activation, Waiter};
 use crate::config::Policy;
 use crate::match_rule::{Fields, MatchContext, MatchRule};
+use crate::socket::Socket;
 use crate::wire::Outbox;
 use activation::CoreEvent;
 use match_index::MatchIndex;
@@ -40,7 +39,7 @@ pub const DRIVER_PATH: &str = "/org/freedesktop/DBus";
 /// What the bus and a connection's task share: the socket, the messages waiting to be written
 /// to it, and a way to wake the task.
 pub struct Conn {
-    pub stream: UnixStream,
+    pub socket: Socket,
     pub outbox: RefCell<Outbox>,
     /// Wakes the connection's task: to wait until the socket takes more, or to close.
     pub wake: Notify,
@@ -49,9 +48,9 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: UnixStream) -> Rc<Conn> {
+    pub fn new(socket: Socket) -> Rc<Conn> {
         Rc::new(Conn {
-            stream,
+            socket,
             outbox: RefCell::new(Outbox::default()),
             wake: Notify::new(),
             closing: Cell::new(false),
@@ -60,12 +59,7 @@ impl Conn {
 
     /// Writes what the socket takes now; what it does not take waits for the task.
     pub fn flush(&self) {
-        let fd = self.stream.as_raw_fd();
-        // Through `try_io`, so that a full socket clears tokio's write readiness.
-        let result = self
-            .stream
-            .try_io(Interest::WRITABLE, || self.outbox.borrow_mut().flush(fd));
-        match result {
+        match self.outbox.borrow_mut().flush(self.socket.as_raw_fd()) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.wake.notify_one(),
             Err(e) => {
@@ -258,6 +252,13 @@ impl Bus {
         // while the name stays borrowed: no copy of it per message.
         let held = msg.clone();
         let header = held.header();
+        trace!(
+            from,
+            kind = ?msg.message_type(),
+            serial = msg.primary_header().serial_num().get(),
+            destination = ?header.destination(),
+            "routing"
+        );
         match header.destination().map(|d| d.as_str()) {
             Some(DRIVER) => {
                 // As in dbus-daemon, monitors see a signal to the driver (systemd's
