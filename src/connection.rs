@@ -8,6 +8,7 @@ use std::rc::Rc;
 
 use tokio::net::UnixStream;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::auth::{self, AuthPolicy};
@@ -15,7 +16,7 @@ use crate::bus::{Bus, Conn, Credentials, PeerId};
 use crate::socket::Socket;
 use zbus::Message;
 
-use crate::wire::{FrameLimits, FrameReader, WireError};
+use crate::wire::{FrameReader, WireError};
 
 /// How many reads one connection may do before the others get their turn.
 const READS_PER_TURN: usize = 16;
@@ -23,18 +24,14 @@ const READS_PER_TURN: usize = 16;
 /// What every connection task needs.
 pub struct Shared {
     pub bus: RefCell<Bus>,
+    /// How clients authenticate; the timeout comes from the limits in force.
     pub auth: AuthPolicy,
-    pub frame_limits: FrameLimits,
     /// One read buffer for all connections: they take turns on one thread.
     pub scratch: RefCell<Vec<u8>>,
     /// Connections still in the handshake.
     pub incomplete: Cell<usize>,
     /// Wakes the flusher: something was queued for writing.
     pub flush_wake: Notify,
-    /// At most this many connections may be in the handshake at once
-    /// (`max_incomplete_connections`), so that clients that connect and say nothing cannot
-    /// exhaust the bus's fds.
-    pub max_incomplete: usize,
 }
 
 impl Shared {
@@ -74,12 +71,17 @@ pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
             return;
         }
     };
-    if shared.incomplete.get() >= shared.max_incomplete {
+    // `max_incomplete_connections`: clients that connect and say nothing must not exhaust the
+    // bus's fds.
+    let (max_incomplete, auth_timeout) = {
+        let limits = &shared.bus.borrow().limits;
+        (limits.max_incomplete_connections, limits.auth_timeout)
+    };
+    if shared.incomplete.get() >= max_incomplete {
         warn!(
             pid = creds.pid,
             uid = creds.uid,
-            "refusing a connection: {} others are still authenticating",
-            shared.max_incomplete
+            "refusing a connection: {max_incomplete} others are still authenticating",
         );
         return;
     }
@@ -88,12 +90,16 @@ pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
     // EXTERNAL accepts the bus's own user and root; the policy's `user`/`group` rules may let
     // this one in too.
     let other_user = creds.uid != shared.auth.owner_uid && shared.bus.borrow().may_connect(&creds);
-    let policy = other_user.then(|| AuthPolicy {
-        owner_uid: creds.uid,
+    let policy = AuthPolicy {
+        owner_uid: if other_user {
+            creds.uid
+        } else {
+            shared.auth.owner_uid
+        },
+        timeout: auth_timeout,
         ..shared.auth.clone()
-    });
-    let policy = policy.as_ref().unwrap_or(&shared.auth);
-    let authenticated = auth::authenticate(&stream, creds.uid, policy).await;
+    };
+    let authenticated = auth::authenticate(&stream, creds.uid, &policy).await;
     drop(handshake);
     let authenticated = match authenticated {
         Ok(a) => a,
@@ -142,13 +148,19 @@ async fn run(
     reader: &mut FrameReader,
 ) -> Result<(), WireError> {
     let mut batch = Vec::new();
-    reader.drain_leftover(&shared.frame_limits, &mut batch)?;
+    let frame_limits = shared.bus.borrow().limits.frame;
+    reader.drain_leftover(&frame_limits, &mut batch)?;
     dispatch(shared, id, &mut batch);
+    let mut fds_deadline = None;
     loop {
         if conn.closing.get() {
             return Ok(());
         }
         let pending_write = !conn.outbox.borrow().is_empty();
+        // `max_incoming_bytes`: past it, the socket is left unread until the bus has delivered
+        // what it holds of this sender's (the bus wakes the task then).
+        let paused = shared.bus.borrow().incoming_full(id);
+        fds_deadline = pending_fds_deadline(shared, reader, fds_deadline);
         tokio::select! {
             biased;
             _ = conn.wake.notified() => {}
@@ -156,11 +168,43 @@ async fn run(
                 ready.map_err(WireError::Io)?;
                 conn.flush();
             }
-            ready = conn.socket.readable() => {
+            ready = conn.socket.readable(), if !paused => {
                 ready.map_err(WireError::Io)?;
                 read_turn(shared, conn, id, reader, &mut batch)?;
             }
+            () = sleep_until_some(fds_deadline), if fds_deadline.is_some() => {
+                let limit = shared.bus.borrow().limits.pending_fd_timeout;
+                warn!(
+                    peer = %format!(":1.{id}"),
+                    "disconnecting: Unix fds have been pending for too long \
+                     (pending_fd_timeout={} ms)",
+                    limit.as_millis()
+                );
+                return Ok(());
+            }
         }
+    }
+}
+
+/// `pending_fd_timeout`: once fds have arrived with a message that is not complete, the rest
+/// must come within the limit, or the connection is closed (a client could otherwise pin fds
+/// in the bus forever). Returns when the current wait for the rest ends.
+fn pending_fds_deadline(
+    shared: &Shared,
+    reader: &FrameReader,
+    deadline: Option<Instant>,
+) -> Option<Instant> {
+    if !reader.holds_fds() {
+        return None;
+    }
+    deadline.or_else(|| Some(Instant::now() + shared.bus.borrow().limits.pending_fd_timeout))
+}
+
+/// Waits until `deadline`; forever when there is none.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -172,10 +216,11 @@ fn read_turn(
     reader: &mut FrameReader,
     batch: &mut Vec<Message>,
 ) -> Result<(), WireError> {
+    let frame_limits = shared.bus.borrow().limits.frame;
     for _ in 0..READS_PER_TURN {
         let outcome = conn.socket.try_read(|fd| {
             let mut scratch = shared.scratch.borrow_mut();
-            match reader.read(fd, &mut scratch, &shared.frame_limits, batch) {
+            match reader.read(fd, &mut scratch, &frame_limits, batch) {
                 Err(WireError::Io(e)) => Err(e),
                 // A short read drained the socket: saying `WouldBlock` clears the readiness
                 // now, which saves the read that would only return EAGAIN. New data raises
@@ -188,7 +233,7 @@ fn read_turn(
             Ok(read) => {
                 dispatch(shared, id, batch);
                 read?;
-                if conn.closing.get() {
+                if conn.closing.get() || shared.bus.borrow().incoming_full(id) {
                     return Ok(());
                 }
             }

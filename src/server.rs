@@ -80,14 +80,9 @@ async fn serve(opts: Options) -> Result<(), String> {
             timeout: config.limits.auth_timeout,
             max_line: 16 * 1024,
         },
-        frame_limits: FrameLimits {
-            max_message_size: (config.limits.max_message_size as usize).min(MAX_MESSAGE_SIZE),
-            max_fds: config.limits.max_message_unix_fds as usize,
-        },
         scratch: RefCell::new(Vec::new()),
         incomplete: Cell::new(0),
         flush_wake: Notify::new(),
-        max_incomplete: config.limits.max_incomplete_connections as usize,
     });
     let flusher = shared.clone();
     tokio::task::spawn_local(async move { flusher.flush_forever().await });
@@ -153,6 +148,16 @@ fn settings_of(config: &Config, opts: &Options) -> Settings {
             max_connections_per_user: limits.max_connections_per_user as usize,
             max_completed_connections: limits.max_completed_connections as usize,
             max_pending_service_starts: limits.max_pending_service_starts as usize,
+            frame: FrameLimits {
+                max_message_size: (limits.max_message_size as usize).min(MAX_MESSAGE_SIZE),
+                max_fds: limits.max_message_unix_fds as usize,
+            },
+            auth_timeout: limits.auth_timeout,
+            max_incomplete_connections: limits.max_incomplete_connections as usize,
+            max_incoming_bytes: limits.max_incoming_bytes as usize,
+            max_incoming_unix_fds: limits.max_incoming_unix_fds as usize,
+            max_outgoing_unix_fds: limits.max_outgoing_unix_fds as usize,
+            pending_fd_timeout: limits.pending_fd_timeout,
         },
         policy: config.policy.clone(),
         activation_dirs,

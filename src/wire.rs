@@ -97,8 +97,14 @@ impl FrameReader {
         }
     }
 
+    /// Whether fds have arrived for a message that is not complete yet.
+    pub fn holds_fds(&self) -> bool {
+        !self.fds.is_empty()
+    }
+
     /// Reads what the socket has (without blocking) and appends each whole, valid message to
-    /// `out`. Returns whether the read was short: the socket was drained then.
+    /// `out`. Returns whether the socket was drained: the read was short, and brought no fds
+    /// (the kernel ends a read after bytes that carried fds, whatever follows them).
     pub fn read(
         &mut self,
         fd: RawFd,
@@ -110,9 +116,11 @@ impl FrameReader {
             return self.read_large(fd, missing, limits, out);
         }
         scratch.resize(READ_CHUNK, 0);
+        let fds_before = self.fds.len();
         let n = recv(fd, scratch, &mut self.fds)?;
+        let drained = n < READ_CHUNK && self.fds.len() == fds_before;
         self.take_messages(&scratch[..n], limits, out)?;
-        Ok(n < READ_CHUNK)
+        Ok(drained)
     }
 
     /// How many bytes the partial message still lacks, once its length is known.
@@ -136,14 +144,16 @@ impl FrameReader {
         let spare = &mut self.partial.spare_capacity_mut()[..missing];
         // SAFETY: the kernel only writes into this memory; the bytes it reports are then set.
         let buf = unsafe { &mut *(spare as *mut [std::mem::MaybeUninit<u8>] as *mut [u8]) };
+        let fds_before = self.fds.len();
         let n = recv(fd, buf, &mut self.fds)?;
         // SAFETY: `recv` initialized `n` bytes past the old length, within the reserved capacity.
         unsafe { self.partial.set_len(self.partial.len() + n) };
+        let drained = n < missing && self.fds.len() == fds_before;
         if n == missing {
             let whole = std::mem::take(&mut self.partial);
             out.push(self.parse(&whole, limits)?);
         }
-        Ok(n < missing)
+        Ok(drained)
     }
 
     /// Parses whatever complete messages the bytes held so far form (used for the handshake's
@@ -420,7 +430,7 @@ fn stamp(bytes: &[u8], endian: Endian, sender: &str) -> Option<Vec<u8>> {
 }
 
 /// The size limits that reading enforces.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct FrameLimits {
     pub max_message_size: usize,
     pub max_fds: usize,
@@ -434,6 +444,8 @@ pub struct Outbox {
     offset: usize,
     /// Bytes queued and not yet written.
     bytes: usize,
+    /// Fds of the queued messages, until each message is written whole.
+    fds: usize,
 }
 
 /// How many messages one `sendmsg` call covers at most: Linux's IOV_MAX. A broadcast burst or a
@@ -450,8 +462,13 @@ impl Outbox {
         self.bytes
     }
 
+    pub fn queued_fds(&self) -> usize {
+        self.fds
+    }
+
     pub fn push(&mut self, msg: Message) {
         self.bytes += msg.data().len();
+        self.fds += msg.data().fds().len();
         self.queue.push_back(msg);
     }
 
@@ -517,6 +534,7 @@ impl Outbox {
             if written >= left {
                 written -= left;
                 self.offset = 0;
+                self.fds -= front.data().fds().len();
                 self.queue.pop_front();
             } else {
                 self.offset += written;

@@ -490,6 +490,36 @@ fn file_descriptors_pass_to_peers_that_take_them() {
 }
 
 #[test]
+fn messages_with_fds_sent_back_to_back_all_arrive() {
+    // The kernel ends a read after bytes that carried fds: such a short read does not mean the
+    // socket is drained, and the rest must still be read.
+    let broker = Broker::start();
+    let mut a = RawClient::connect(&broker.socket);
+    let mut b = RawClient::connect(&broker.socket);
+    let file = tempfile::tempfile().unwrap();
+    let mut bytes = Vec::new();
+    let mut serials = Vec::new();
+    for _ in 0..3 {
+        let serial = a.next_serial();
+        let msg = Message::signal("/o", "org.example.Test", "Fd")
+            .destination(b.unique.clone())
+            .serial(serial)
+            .build(&(zbus::Fd::from(&file),))
+            .unwrap();
+        bytes.push(msg.data().bytes().to_vec());
+        serials.push(serial);
+    }
+    for message in &bytes {
+        a.send_with_fds(message, &[file.as_raw_fd()]);
+    }
+    for serial in serials {
+        let got = b.recv_until(|m| member_of(m) == "Fd");
+        assert_eq!(got.primary_header().serial_num(), serial);
+        assert_eq!(got.data().fds().len(), 1);
+    }
+}
+
+#[test]
 fn a_receiver_that_never_reads_costs_only_itself() {
     let broker = Broker::start();
     let mut sender = RawClient::connect(&broker.socket);

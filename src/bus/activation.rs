@@ -5,7 +5,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use zbus::Message;
 use zbus::message::Type;
 
@@ -39,6 +39,7 @@ const MAX_HELD_BYTES: usize = 16 << 20;
 impl Bus {
     /// Makes `waiter` wait for `name`'s service, starting it unless a start is in progress.
     pub fn activate(&mut self, name: &str, waiter: Waiter) {
+        self.count_held(&waiter, true);
         if let Some(pending) = self.activation.pending.get_mut(name) {
             let size = waiter.message().data().len();
             if pending.held_bytes + size > MAX_HELD_BYTES {
@@ -82,6 +83,52 @@ impl Bus {
         }
     }
 
+    /// Counts a message the bus starts or stops holding for a service against its sender's
+    /// `max_incoming_bytes` and `max_incoming_unix_fds`, as dbus-daemon counts a sender's
+    /// messages until they are delivered. When the sender drops back under the limits, its
+    /// task, which stopped reading from it, is woken.
+    fn count_held(&mut self, waiter: &Waiter, held: bool) {
+        let Waiter::Deliver { from, msg } = waiter else {
+            return;
+        };
+        let was_full = self.incoming_full(*from);
+        let Some(peer) = self.peers.get_mut(from) else {
+            return;
+        };
+        let (bytes, fds) = (msg.data().len(), msg.data().fds().len());
+        let (held_bytes, held_fds) = &mut peer.held;
+        if held {
+            *held_bytes += bytes;
+            *held_fds += fds;
+        } else {
+            *held_bytes = held_bytes.saturating_sub(bytes);
+            *held_fds = held_fds.saturating_sub(fds);
+        }
+        let full = self.incoming_full(*from);
+        if full && !was_full {
+            debug!(
+                peer = self.unique_name(*from).unwrap_or("?"),
+                "pausing reads: its messages held for starting services reached \
+                 max_incoming_bytes or max_incoming_unix_fds"
+            );
+        }
+        if was_full
+            && !full
+            && let Some(peer) = self.peers.get(from)
+        {
+            peer.conn.wake.notify_one();
+        }
+    }
+
+    /// Whether `peer`'s held messages have reached `max_incoming_bytes` or
+    /// `max_incoming_unix_fds`: the bus reads nothing more from it until they are delivered.
+    pub fn incoming_full(&self, peer: PeerId) -> bool {
+        self.peers.get(&peer).is_some_and(|p| {
+            p.held.0 >= self.limits.max_incoming_bytes
+                || p.held.1 >= self.limits.max_incoming_unix_fds
+        })
+    }
+
     pub(super) fn arm_start_timer(&self, name: &str, generation: u64, timeout: Duration) {
         let events = self.events.clone();
         let name = name.to_owned();
@@ -100,6 +147,7 @@ impl Bus {
         info!(service = name, owner = %self.unique_name(owner).unwrap_or("?"), "service took its name");
         self.watch_owner(owner);
         for waiter in pending.waiters {
+            self.count_held(&waiter, false);
             match waiter {
                 Waiter::Deliver { from, msg } => {
                     if self.peers.contains_key(&from) {
@@ -273,6 +321,7 @@ impl Bus {
 
     pub(super) fn fail_waiters(&mut self, waiters: Vec<Waiter>, failure: &StartFailure) {
         for waiter in waiters {
+            self.count_held(&waiter, false);
             let (from, msg) = match waiter {
                 Waiter::Deliver { from, msg } => (from, msg),
                 Waiter::Start { from, call } => (from, call),

@@ -24,7 +24,7 @@ use crate::activation::{Activation, Waiter};
 use crate::config::Policy;
 use crate::match_rule::{Fields, MatchContext, MatchRule};
 use crate::socket::Socket;
-use crate::wire::Outbox;
+use crate::wire::{FrameLimits, MAX_MESSAGE_SIZE, Outbox};
 use activation::CoreEvent;
 use match_index::MatchIndex;
 use names::{NameEvent, NameRegistry};
@@ -95,6 +95,21 @@ pub struct Limits {
     pub max_completed_connections: usize,
     /// Services being started at once.
     pub max_pending_service_starts: usize,
+    /// Largest message and most fds in one message; a bigger one disconnects its sender.
+    pub frame: FrameLimits,
+    /// Deadline for a client's whole handshake.
+    pub auth_timeout: Duration,
+    /// Connections in the handshake at once.
+    pub max_incomplete_connections: usize,
+    /// What a sender's messages held for starting services may take before the bus stops
+    /// reading from it until they are delivered.
+    pub max_incoming_bytes: usize,
+    pub max_incoming_unix_fds: usize,
+    /// Fds queued for one receiver; past it a message with fds is refused like one past
+    /// `max_outgoing_bytes`.
+    pub max_outgoing_unix_fds: usize,
+    /// How long a client may leave a message half-sent after sending fds with it.
+    pub pending_fd_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -110,6 +125,16 @@ impl Default for Limits {
             max_connections_per_user: 100_000,
             max_completed_connections: 100_000,
             max_pending_service_starts: 10_000,
+            frame: FrameLimits {
+                max_message_size: MAX_MESSAGE_SIZE,
+                max_fds: 16,
+            },
+            auth_timeout: Duration::from_secs(30),
+            max_incomplete_connections: 64,
+            max_incoming_bytes: 127 << 20,
+            max_incoming_unix_fds: 250_000_000,
+            max_outgoing_unix_fds: 250_000_000,
+            pending_fd_timeout: Duration::from_secs(150),
         }
     }
 }
@@ -131,6 +156,8 @@ pub struct Peer {
     /// This connection owns the name of a service the bus started; the death of its process
     /// ends the connection.
     pub service_owner: bool,
+    /// This peer's messages the bus holds while their services start: bytes and fds.
+    pub held: (usize, usize),
 }
 
 pub struct Bus {
@@ -211,6 +238,7 @@ impl Bus {
                 awaiting: HashMap::default(),
                 owed: HashSet::default(),
                 service_owner: false,
+                held: (0, 0),
             },
         );
         id
@@ -432,6 +460,10 @@ impl Bus {
         let conn = &peer.conn;
         let mut outbox = conn.outbox.borrow_mut();
         if outbox.queued_bytes() + msg.data().len() > self.limits.max_outgoing_bytes {
+            return false;
+        }
+        let fds = msg.data().fds().len();
+        if fds > 0 && outbox.queued_fds() + fds > self.limits.max_outgoing_unix_fds {
             return false;
         }
         if outbox.is_empty() {

@@ -58,11 +58,19 @@ impl Broker {
     /// Starts the broker on the configuration file `config` (its `<listen>` is overridden by a
     /// socket of the test's).
     pub fn start_with_config(config: &str) -> Broker {
+        Broker::start_with_config_and(config, &[])
+    }
+
+    /// Like `start_with_config`, with extra arguments. The file is `dir/bus.conf`.
+    pub fn start_with_config_and(config: &str, extra: &[&str]) -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("bus.conf");
         std::fs::write(&file, config).expect("config file");
         let arg = format!("--config-file={}", file.display());
-        Broker::launch(dir, None, &[&arg], &[])
+        let args: Vec<&str> = std::iter::once(arg.as_str())
+            .chain(extra.iter().copied())
+            .collect();
+        Broker::launch(dir, None, &args, &[])
     }
 
     fn launch(
@@ -78,7 +86,10 @@ impl Broker {
             .arg(format!("--address=unix:path={}", socket.display()))
             .arg("--print-address")
             .args(extra)
-            .env("BROKER_LOG", "debug")
+            .env(
+                "BROKER_LOG",
+                std::env::var("TEST_BROKER_LOG").unwrap_or("debug".into()),
+            )
             .env("NO_COLOR", "1")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
@@ -275,6 +286,22 @@ impl RawClient {
 
     pub fn send(&mut self, msg: &Message) {
         self.stream.write_all(msg.data().bytes()).expect("send");
+    }
+
+    /// Sends `bytes` in one `sendmsg` with `fds` attached.
+    pub fn send_with_fds(&mut self, bytes: &[u8], fds: &[std::os::fd::RawFd]) {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        use std::os::fd::AsRawFd;
+        let iov = [std::io::IoSlice::new(bytes)];
+        let sent = sendmsg::<()>(
+            self.stream.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("sendmsg");
+        assert_eq!(sent, bytes.len(), "short sendmsg");
     }
 
     /// Reads one message.
