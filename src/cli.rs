@@ -3,8 +3,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-/// Where log lines go (`--syslog`, `--nosyslog`, `--syslog-only`). broker has no syslog client:
-/// every choice logs to stderr, which systemd's journal and the test suites collect.
+/// Where log lines go (`--syslog`, `--nosyslog`, `--syslog-only`); see `logging`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub enum LogTarget {
     /// Neither flag: what the configuration's `<syslog/>` says.
@@ -26,6 +25,8 @@ pub struct Options {
     /// Print the address to this fd (1 when no fd is given).
     pub print_address: Option<i32>,
     pub print_pid: Option<i32>,
+    /// `--fork` (true) or `--nofork` (false); neither: the configuration's `<fork/>`.
+    pub fork: Option<bool>,
     /// `--nopidfile`: do not write the configuration's `<pidfile>`.
     pub nopidfile: bool,
     /// `--systemd-activation`: services with `SystemdService=` are started through systemd.
@@ -55,7 +56,7 @@ impl fmt::Display for UsageError {
 }
 
 pub const USAGE: &str = "usage: broker [--session | --system | --config-file=FILE] [--address=ADDRESS] \
-[--print-address[=FD]] [--print-pid[=FD]] [--nofork] [--nopidfile] [--systemd-activation] \
+[--print-address[=FD]] [--print-pid[=FD]] [--fork | --nofork] [--nopidfile] [--systemd-activation] \
 [--nosyslog | --syslog | --syslog-only] [--introspect] [--activation-dir=DIR]... \
 [--start-timeout-ms=MS] [--start-limit-burst=N] [--start-limit-interval-ms=MS] [--version] [--help]";
 
@@ -129,15 +130,8 @@ impl Options {
                         opts.print_pid = Some(fd);
                     }
                 }
-                // broker always stays in the foreground.
-                "--nofork" => {}
-                "--fork" => {
-                    return Err(UsageError(
-                        "--fork is not supported: broker stays in the foreground (use --nofork, \
-                         or let a service manager run it)"
-                            .into(),
-                    ));
-                }
+                "--nofork" => opts.fork = Some(false),
+                "--fork" => opts.fork = Some(true),
                 "--nopidfile" => opts.nopidfile = true,
                 "--systemd-activation" => opts.systemd_activation = true,
                 "--nosyslog" => opts.log_target = LogTarget::Stderr,
@@ -279,6 +273,9 @@ mod tests {
         assert!(o.system && !o.session);
         assert_eq!(o.log_target, LogTarget::Stderr);
         assert_eq!(parse(&["--syslog"]).unwrap().log_target, LogTarget::Syslog);
+        assert_eq!(parse(&["--fork"]).unwrap().fork, Some(true));
+        assert_eq!(parse(&["--nofork"]).unwrap().fork, Some(false));
+        assert_eq!(parse(&[]).unwrap().fork, None);
         assert_eq!(
             parse(&["--config-file=/a"]).unwrap().config_file,
             Some(PathBuf::from("/a"))
@@ -290,7 +287,6 @@ mod tests {
         assert!(parse(&["--session", "--system"]).is_err());
         assert!(parse(&["--session", "--config-file=/a"]).is_err());
         assert!(parse(&["--config-file=/a", "--config-file=/b"]).is_err());
-        assert!(parse(&["--fork"]).unwrap_err().0.contains("--fork"));
         assert_eq!(
             parse(&["--nofork=yes"]).unwrap_err().0,
             "--nofork takes no value"

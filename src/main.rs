@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use broker::cli::{LogTarget, Options, USAGE};
+use broker::cli::{Options, USAGE};
 
 /// The bus allocates and frees a few small buffers per message; mimalloc does that faster than
 /// glibc's allocator.
@@ -29,17 +29,7 @@ fn main() -> ExitCode {
         print!("{}", broker::driver::introspect(broker::bus::DRIVER_PATH));
         return ExitCode::SUCCESS;
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BROKER_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    if matches!(opts.log_target, LogTarget::Syslog | LogTarget::SyslogOnly) {
-        // No syslog client here: stderr is what the journal and test harnesses collect.
-        tracing::debug!("syslog was asked for; logging to stderr instead");
-    }
+    broker::logging::init();
     match broker::server::run(opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

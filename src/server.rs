@@ -26,18 +26,49 @@ use crate::config::{self, Config};
 use crate::connection::{self, Shared};
 use crate::supervisor::{self, Supervisor};
 use crate::wire::{FrameLimits, MAX_MESSAGE_SIZE};
+use crate::{daemon, logging};
 
-/// Runs the bus until a signal stops it.
-pub fn run(opts: Options) -> Result<(), String> {
+/// Runs the bus until a signal stops it. Reads the configuration, directs the log, and forks
+/// when asked to, all before the runtime starts.
+pub fn run(mut opts: Options) -> Result<(), String> {
+    let config = load_config(&opts)?;
+    logging::direct(opts.log_target, config.syslog);
+    let readiness = match opts.fork.unwrap_or(config.fork) {
+        true => Some(leave_foreground(&mut opts, config.keep_umask)?),
+        false => None,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, serve(opts))
+    local.block_on(&runtime, serve(opts, config, readiness))
 }
 
-async fn serve(opts: Options) -> Result<(), String> {
+/// `--fork`: forks, and leaves the working directory (paths the bus reads later are made
+/// absolute first).
+fn leave_foreground(opts: &mut Options, keep_umask: bool) -> Result<daemon::Readiness, String> {
+    let absolute = |path: &PathBuf| {
+        std::path::absolute(path).map_err(|e| format!("cannot resolve {}: {e}", path.display()))
+    };
+    if let Some(file) = &opts.config_file {
+        opts.config_file = Some(absolute(file)?);
+    }
+    opts.activation_dirs = opts
+        .activation_dirs
+        .iter()
+        .map(absolute)
+        .collect::<Result<_, _>>()?;
+    let readiness = daemon::fork_to_background(keep_umask)?;
+    std::env::set_current_dir("/").map_err(|e| format!("cannot change to /: {e}"))?;
+    Ok(readiness)
+}
+
+async fn serve(
+    opts: Options,
+    config: Config,
+    readiness: Option<daemon::Readiness>,
+) -> Result<(), String> {
     raise_fd_limit();
     // Before the address is printed: whoever reads it may signal the bus at once.
     let mut term =
@@ -45,11 +76,14 @@ async fn serve(opts: Options) -> Result<(), String> {
     let mut int =
         signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
-    let config = load_config(&opts)?;
-    if config.fork {
-        debug!("the configuration asks to fork; broker stays in the foreground");
-    }
     let listeners = bind_all(&opts, &config)?;
+    let _pid_file = match (&config.pidfile, opts.nopidfile) {
+        (Some(path), false) => Some(daemon::PidFile::create(path)?),
+        _ => None,
+    };
+    if let Some(user) = &config.user {
+        daemon::become_user(user)?;
+    }
     let guid = random_hex(16);
     let address = listeners
         .first()
@@ -57,6 +91,10 @@ async fn serve(opts: Options) -> Result<(), String> {
         .ok_or("the configuration gives no address to listen on")?;
     info!(%address, "listening");
     print_startup(&opts, &address)?;
+    if let Some(readiness) = readiness {
+        readiness.signal();
+        daemon::detach_stdio();
+    }
 
     let (events, mut event_rx) = mpsc::unbounded_channel();
     let settings = settings_of(&config, &opts);
