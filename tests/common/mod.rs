@@ -421,3 +421,54 @@ pub async fn list_names(proxy: &zbus::fdo::DBusProxy<'_>) -> Vec<String> {
     names.sort();
     names
 }
+
+impl Broker {
+    /// Like `start_with_config`, with `files` (paths relative to the configuration file's
+    /// directory, and their contents) written first, so that the configuration can name them
+    /// (`<servicedir>services</servicedir>`, `<include>`), and with `extra` arguments.
+    pub fn start_with_config_files(config: &str, files: &[(&str, &str)], extra: &[&str]) -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write_config_files(dir.path(), config, files);
+        let arg = format!("--config-file={}", file.display());
+        let mut args = vec![arg.as_str()];
+        args.extend_from_slice(extra);
+        Broker::launch(dir, None, &args, &[])
+    }
+
+    /// The configuration file of a broker started with `start_with_config*`.
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.path().join("bus.conf")
+    }
+}
+
+/// Writes `config` as `dir/bus.conf` and each of `files` under `dir`; returns the configuration
+/// file's path.
+pub fn write_config_files(dir: &Path, config: &str, files: &[(&str, &str)]) -> PathBuf {
+    for (name, text) in files {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("directory for a config file");
+        }
+        std::fs::write(&path, text).expect("write a file next to the config");
+    }
+    let file = dir.join("bus.conf");
+    std::fs::write(&file, config).expect("config file");
+    file
+}
+
+impl RawClient {
+    /// Sends `msg` with `fds` attached (the message's header must declare as many).
+    pub fn send_with_fds(&mut self, msg: &Message, fds: &[std::os::fd::RawFd]) {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        use std::os::fd::AsRawFd;
+        let iov = [std::io::IoSlice::new(msg.data().bytes())];
+        sendmsg::<()>(
+            self.stream.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("sendmsg with fds");
+    }
+}
