@@ -934,6 +934,81 @@ fn max_pending_service_starts_refuses_a_start_beyond_the_limit() {
     );
 }
 
+/// Sends a method return for a call `to` never made; returns its serial.
+fn send_unrequested_return(client: &mut RawClient, to: &str) -> NonZeroU32 {
+    let call = Message::method_call("/", "Never")
+        .serial(NonZeroU32::new(4242).unwrap())
+        .sender(to)
+        .build(&())
+        .unwrap();
+    let serial = client.next_serial();
+    let reply = Message::method_return(&call.header())
+        .serial(serial)
+        .build(&())
+        .unwrap();
+    client.send(&reply);
+    serial
+}
+
+/// Rules that allow sending and receiving requested replies only, and owning any name.
+const REQUESTED_REPLIES_ONLY: &str = r#"
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+    <allow own="*"/>"#;
+
+#[test]
+fn an_allow_with_requested_reply_false_lets_an_unexpected_reply_through() {
+    let broker = Broker::start_with_config(&config(&format!(
+        r#"  <policy context="default">{REQUESTED_REPLIES_ONLY}
+    <allow send_type="method_return" send_requested_reply="false"/>
+    <allow receive_type="method_return" receive_requested_reply="false"/>
+  </policy>"#
+    )));
+    let mut receiver = RawClient::connect(&broker.socket);
+    let mut sender = RawClient::connect(&broker.socket);
+    let to = receiver.unique.clone();
+    let unexpected = send_unrequested_return(&mut sender, &to);
+    let marker = send_signal(&mut sender, Some(&to), "org.example.Test", "Marker");
+    let got = receiver.recv_until(|m| {
+        let serial = m.primary_header().serial_num();
+        m.header().sender().map(|s| s.to_string()) == Some(sender.unique.clone())
+            && (serial == unexpected || serial == marker)
+    });
+    assert_eq!(
+        got.message_type(),
+        Type::MethodReturn,
+        "the reply the policy allows arrives before the marker signal"
+    );
+}
+
+#[test]
+fn an_unexpected_reply_the_policy_does_not_allow_is_answered_with_access_denied() {
+    let broker = Broker::start_with_config(&config(&format!(
+        "  <policy context=\"default\">{REQUESTED_REPLIES_ONLY}\n  </policy>"
+    )));
+    let receiver = RawClient::connect(&broker.socket);
+    let mut sender = RawClient::connect(&broker.socket);
+    let unexpected = send_unrequested_return(&mut sender, &receiver.unique);
+    let serial = sender.next_serial();
+    let later = Message::method_call("/org/freedesktop/DBus", "GetId")
+        .interface("org.freedesktop.DBus")
+        .destination("org.freedesktop.DBus")
+        .serial(serial)
+        .build(&())
+        .unwrap();
+    sender.send(&later);
+    let answer = sender.recv_until(|m| {
+        let to = m.header().reply_serial();
+        to == Some(unexpected) || to == Some(serial)
+    });
+    assert_eq!(
+        answer.header().reply_serial(),
+        Some(unexpected),
+        "the refused reply is answered, before the later call"
+    );
+    assert_eq!(error_name(&answer), ACCESS_DENIED);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Included files and service directories
 
