@@ -7,23 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Broker, RawClient};
-
-/// A configuration that allows everything, with `extra` added.
-fn config(extra: &str) -> String {
-    format!(
-        r#"<busconfig>
-  <type>session</type>
-  <listen>unix:tmpdir=/tmp</listen>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-  {extra}
-</busconfig>"#
-    )
-}
+use common::{Broker, RawClient, open_config};
 
 /// The value of `field` (`Uid`, `PPid`, …) in /proc/PID/status.
 fn proc_status(pid: u32, field: &str) -> String {
@@ -118,7 +102,7 @@ fn fork_reports_a_failed_start_with_the_daemons_status() {
 fn the_pid_file_holds_the_pid_while_the_bus_runs_and_an_existing_one_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("bus.pid");
-    let text = config(&format!("<pidfile>{}</pidfile>", pid_file.display()));
+    let text = open_config(&format!("<pidfile>{}</pidfile>", pid_file.display()));
     let mut broker = Broker::start_with_config(&text);
     let written = std::fs::read_to_string(&pid_file).expect("pid file");
     assert_eq!(written.trim(), broker.pid().to_string());
@@ -169,7 +153,7 @@ fn the_pid_file_holds_the_pid_while_the_bus_runs_and_an_existing_one_is_refused(
 fn a_bus_started_as_root_runs_as_the_configured_user() {
     if !nix::unistd::Uid::current().is_root() {
         // Only root can change user; any other uid tests the refusal instead.
-        let broker = Broker::start_with_config(&config("<user>nobody</user>"));
+        let broker = Broker::start_with_config(&open_config("<user>nobody</user>"));
         assert!(
             broker
                 .log()
@@ -177,7 +161,7 @@ fn a_bus_started_as_root_runs_as_the_configured_user() {
         );
         return;
     }
-    let broker = Broker::start_with_config(&config("<user>nobody</user>"));
+    let broker = Broker::start_with_config(&open_config("<user>nobody</user>"));
     let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
     let uid = nobody.uid.as_raw().to_string();
     let status = proc_status(broker.pid(), "Uid");

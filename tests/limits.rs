@@ -8,24 +8,8 @@ mod common;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use common::{Broker, RawClient, error_name, member_of};
+use common::{Broker, RawClient, error_name, member_of, open_config};
 use zbus::Message;
-
-/// A configuration that allows everything, with `extra` (limits, service directories) added.
-fn config(extra: &str) -> String {
-    format!(
-        r#"<busconfig>
-  <type>session</type>
-  <listen>unix:tmpdir=/tmp</listen>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-  {extra}
-</busconfig>"#
-    )
-}
 
 /// A method call to `destination` carrying `payload`.
 fn call_with_payload(
@@ -78,7 +62,8 @@ fn a_sender_whose_held_messages_reach_max_incoming_bytes_is_not_read_until_they_
   <limit name="max_incoming_bytes">2000</limit>"#,
         services.path().display()
     );
-    let broker = Broker::start_with_config_and(&config(&extra), &["--systemd-activation"]);
+    let broker =
+        Broker::start_with_config_files(&open_config(&extra), &[], &["--systemd-activation"]);
     // A stand-in for systemd: it is asked to start the service, and it is what takes the name.
     let mut systemd = RawClient::connect(&broker.socket);
     systemd
@@ -144,8 +129,9 @@ fn a_sender_whose_held_messages_reach_max_incoming_bytes_is_not_read_until_they_
 
 #[test]
 fn fds_queued_for_a_receiver_that_does_not_read_stop_at_max_outgoing_unix_fds() {
-    let broker =
-        Broker::start_with_config(&config(r#"<limit name="max_outgoing_unix_fds">2</limit>"#));
+    let broker = Broker::start_with_config(&open_config(
+        r#"<limit name="max_outgoing_unix_fds">2</limit>"#,
+    ));
     let mut sender = RawClient::connect(&broker.socket);
     let stuck = RawClient::connect(&broker.socket);
     // 1 MiB fills the socket to the receiver; what follows waits in the bus.
@@ -180,8 +166,9 @@ fn fds_queued_for_a_receiver_that_does_not_read_stop_at_max_outgoing_unix_fds() 
 
 #[test]
 fn a_message_left_half_sent_with_fds_is_disconnected_after_pending_fd_timeout() {
-    let broker =
-        Broker::start_with_config(&config(r#"<limit name="pending_fd_timeout">500</limit>"#));
+    let broker = Broker::start_with_config(&open_config(
+        r#"<limit name="pending_fd_timeout">500</limit>"#,
+    ));
     let mut client = RawClient::connect(&broker.socket);
     // The start of a method call that declares 64 KiB of body and header fields, then nothing.
     let partial: [u8; 17] = [
@@ -213,8 +200,9 @@ fn a_message_left_half_sent_with_fds_is_disconnected_after_pending_fd_timeout() 
 
 #[test]
 fn reload_config_puts_new_limits_in_force() {
-    let broker =
-        Broker::start_with_config(&config(r#"<limit name="max_message_size">1000000</limit>"#));
+    let broker = Broker::start_with_config(&open_config(
+        r#"<limit name="max_message_size">1000000</limit>"#,
+    ));
     let mut client = RawClient::connect(&broker.socket);
     let big_signal = |client: &mut RawClient| {
         let serial = client.next_serial();
@@ -231,7 +219,7 @@ fn reload_config_puts_new_limits_in_force() {
 
     std::fs::write(
         broker.dir.path().join("bus.conf"),
-        config(r#"<limit name="max_message_size">100000</limit>"#),
+        open_config(r#"<limit name="max_message_size">100000</limit>"#),
     )
     .unwrap();
     client.driver_call("ReloadConfig", &()).expect("reload");

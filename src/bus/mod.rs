@@ -336,11 +336,18 @@ impl Bus {
             }
             return;
         };
+        let mut checked = self.policy_open;
         if matches!(msg_type, Type::MethodReturn | Type::Error)
             && !self.take_expected_reply(from, to, &msg)
         {
-            debug!(from, to, "dropping a reply that answers no pending call");
-            return;
+            // A configured policy decides on a reply nobody asked for, as in dbus-daemon. A bus
+            // that restricts nothing drops it, as dbus-broker does: no client can slip an
+            // answer into a call it was never sent.
+            if self.policy_open || !self.allow_unrequested_reply(from, to, &msg) {
+                debug!(from, to, "dropping a reply that answers no pending call");
+                return;
+            }
+            checked = true;
         }
         if !msg.data().fds().is_empty() && !self.peers.get(&to).is_some_and(|p| p.unix_fds) {
             self.reply_error(
@@ -351,7 +358,7 @@ impl Bus {
             );
             return;
         }
-        if !self.policy_open && !self.allow_message(from, Some(to), &msg, true) {
+        if !checked && !self.allow_message(from, Some(to), &msg, true) {
             return;
         }
         if msg_type == Type::MethodCall

@@ -86,8 +86,31 @@ impl Bus {
         msg: &Message,
         show_monitors: bool,
     ) -> bool {
+        self.check_message(from, to, msg, show_monitors, true)
+    }
+
+    /// `allow_message` for a reply to `to` that answers no call of its: dbus-daemon lets the
+    /// policy decide on it, as a reply nobody requested (`send_requested_reply="false"`).
+    pub(super) fn allow_unrequested_reply(
+        &mut self,
+        from: PeerId,
+        to: PeerId,
+        msg: &Message,
+    ) -> bool {
+        self.check_message(from, Some(to), msg, true, false)
+    }
+
+    fn check_message(
+        &mut self,
+        from: PeerId,
+        to: Option<PeerId>,
+        msg: &Message,
+        show_monitors: bool,
+        requested_reply: bool,
+    ) -> bool {
         let header = msg.header();
-        let facts = facts_of(&header, msg);
+        let mut facts = facts_of(&header, msg);
+        facts.requested_reply &= requested_reply;
         let verdict = self.send_verdict(from, to, &facts);
         let refused = if !verdict.allowed {
             Some((Direction::Send, verdict))
@@ -289,8 +312,8 @@ impl Bus {
     }
 }
 
-/// What the policy looks at in `msg`. A reply that reaches a check answers a pending call: the
-/// core drops the others first.
+/// What the policy looks at in `msg`. A reply is taken as requested; `allow_unrequested_reply`
+/// says otherwise.
 fn facts_of<'a>(header: &'a Header<'a>, msg: &Message) -> MessageFacts<'a> {
     let is_reply = header.reply_serial().is_some();
     MessageFacts {

@@ -58,19 +58,7 @@ impl Broker {
     /// Starts the broker on the configuration file `config` (its `<listen>` is overridden by a
     /// socket of the test's).
     pub fn start_with_config(config: &str) -> Broker {
-        Broker::start_with_config_and(config, &[])
-    }
-
-    /// Like `start_with_config`, with extra arguments. The file is `dir/bus.conf`.
-    pub fn start_with_config_and(config: &str, extra: &[&str]) -> Broker {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("bus.conf");
-        std::fs::write(&file, config).expect("config file");
-        let arg = format!("--config-file={}", file.display());
-        let args: Vec<&str> = std::iter::once(arg.as_str())
-            .chain(extra.iter().copied())
-            .collect();
-        Broker::launch(dir, None, &args, &[])
+        Broker::start_with_config_files(config, &[], &[])
     }
 
     fn launch(
@@ -447,4 +435,59 @@ pub async fn list_names(proxy: &zbus::fdo::DBusProxy<'_>) -> Vec<String> {
     let mut names: Vec<String> = listed.iter().map(|n| n.to_string()).collect();
     names.sort();
     names
+}
+
+impl Broker {
+    /// Like `start_with_config`, with `files` (paths relative to the configuration file's
+    /// directory, and their contents) written first, so that the configuration can name them
+    /// (`<servicedir>services</servicedir>`, `<include>`), and with `extra` arguments.
+    pub fn start_with_config_files(config: &str, files: &[(&str, &str)], extra: &[&str]) -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write_config_files(dir.path(), config, files);
+        let arg = format!("--config-file={}", file.display());
+        let mut args = vec![arg.as_str()];
+        args.extend_from_slice(extra);
+        Broker::launch(dir, None, &args, &[])
+    }
+
+    /// The configuration file of a broker started with `start_with_config*`.
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.path().join("bus.conf")
+    }
+}
+
+/// Writes `config` as `dir/bus.conf` and each of `files` under `dir`; returns the configuration
+/// file's path.
+pub fn write_config_files(dir: &Path, config: &str, files: &[(&str, &str)]) -> PathBuf {
+    for (name, text) in files {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("directory for a config file");
+        }
+        std::fs::write(&path, text).expect("write a file next to the config");
+    }
+    let file = dir.join("bus.conf");
+    std::fs::write(&file, config).expect("config file");
+    file
+}
+
+/// What the stock session configuration allows: sending, receiving, eavesdropping, owning.
+pub const ALLOW_ALL: &str = r#"
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>"#;
+
+/// A configuration file: the stock session header, then `body`.
+pub fn bus_config(body: &str) -> String {
+    format!(
+        "<busconfig>\n  <type>session</type>\n  <listen>unix:tmpdir=/tmp</listen>\n  \
+         <auth>EXTERNAL</auth>\n{body}\n</busconfig>\n"
+    )
+}
+
+/// A configuration that allows everything, with `extra` (limits, directories…) after the policy.
+pub fn open_config(extra: &str) -> String {
+    bus_config(&format!(
+        "  <policy context=\"default\">{ALLOW_ALL}\n  </policy>\n  {extra}"
+    ))
 }
