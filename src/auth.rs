@@ -2,9 +2,10 @@
 //!
 //! The handshake is the first thing an untrusted client talks to, so it is
 //! bounded on every axis: one deadline for the whole exchange, a maximum line
-//! length, and a maximum number of failed attempts. Only the `EXTERNAL`
-//! mechanism is offered: the caller already knows the peer's uid from
-//! `SO_PEERCRED`, and only the bus owner (or root) may connect.
+//! length, and a maximum number of failed attempts. `EXTERNAL` is offered (the
+//! caller already knows the peer's uid from `SO_PEERCRED`, and only the bus
+//! owner or root may connect), and `ANONYMOUS` where the configuration allows
+//! it (`<auth>`, `<allow_anonymous/>`).
 //!
 //! The logic lives in two sans-IO layers so it can be tested without sockets:
 //! [`Sasl`] answers one line at a time, [`Handshake`] frames raw bytes into
@@ -24,9 +25,52 @@ use tokio::net::UnixStream;
 /// could otherwise keep the handshake going until the deadline.
 pub const MAX_FAILURES: u32 = 8;
 
-/// The mechanism list sent with every REJECTED; the spec wants it identical
-/// each time.
-const REJECTED: &str = "REJECTED EXTERNAL\r\n";
+/// The SASL mechanisms the bus offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mechanisms {
+    pub external: bool,
+    /// A client may connect without saying who it is.
+    pub anonymous: bool,
+}
+
+impl Mechanisms {
+    pub const EXTERNAL: Mechanisms = Mechanisms {
+        external: true,
+        anonymous: false,
+    };
+
+    /// From the configuration: the `<auth>` mechanisms (none: every one the bus has), of which
+    /// ANONYMOUS counts only with `<allow_anonymous/>`, as dbus-daemon refuses anonymous
+    /// clients without it. A list that leaves nothing broker supports is an error.
+    pub fn configured(auth: &[String], allow_anonymous: bool) -> Result<Mechanisms, String> {
+        let listed = |name: &str| auth.is_empty() || auth.iter().any(|a| a == name);
+        let mechanisms = Mechanisms {
+            external: listed("EXTERNAL"),
+            anonymous: allow_anonymous && listed("ANONYMOUS"),
+        };
+        if !mechanisms.external && !mechanisms.anonymous {
+            return Err(format!(
+                "the configuration allows the authentication mechanisms {} only; broker offers \
+                 EXTERNAL, and ANONYMOUS with <allow_anonymous/>",
+                auth.join(", ")
+            ));
+        }
+        Ok(mechanisms)
+    }
+
+    /// The REJECTED line; the spec wants the same list each time.
+    fn rejected(self) -> String {
+        let mut line = String::from("REJECTED");
+        if self.external {
+            line.push_str(" EXTERNAL");
+        }
+        if self.anonymous {
+            line.push_str(" ANONYMOUS");
+        }
+        line.push_str("\r\n");
+        line
+    }
+}
 
 /// How much is read from the socket at once. Small enough that a client
 /// pipelining a flood after `BEGIN` costs us little here: the rest stays in
@@ -44,6 +88,7 @@ pub struct AuthPolicy {
     pub timeout: Duration,
     /// Longest accepted line including CRLF (the bus uses 16 KiB).
     pub max_line: usize,
+    pub mechanisms: Mechanisms,
 }
 
 /// A finished handshake.
@@ -51,6 +96,8 @@ pub struct AuthPolicy {
 pub struct Authenticated {
     /// `NEGOTIATE_UNIX_FD` was agreed.
     pub unix_fds: bool,
+    /// The client authenticated with ANONYMOUS: the bus does not know who it is.
+    pub anonymous: bool,
     /// Bytes received after `BEGIN\r\n`: the start of the message stream
     /// (sd-bus sends `Hello` in the same write as `BEGIN`).
     pub leftover: Vec<u8>,
@@ -250,9 +297,16 @@ impl Handshake {
             tracing::trace!(line = %line.escape_ascii(), "auth line");
             match self.sasl.handle_line(line) {
                 Ok(Step::Reply(reply)) => out.extend_from_slice(reply.as_bytes()),
-                Ok(Step::Begin { unix_fds }) => {
+                Ok(Step::Begin {
+                    unix_fds,
+                    anonymous,
+                }) => {
                     let leftover = self.pending.get(start..).unwrap_or_default().to_vec();
-                    break Ok(Some(Authenticated { unix_fds, leftover }));
+                    break Ok(Some(Authenticated {
+                        unix_fds,
+                        anonymous,
+                        leftover,
+                    }));
                 }
                 Err(err) => break Err(err),
             }
@@ -290,6 +344,8 @@ pub enum Step {
     Begin {
         /// `NEGOTIATE_UNIX_FD` was agreed.
         unix_fds: bool,
+        /// ANONYMOUS it was.
+        anonymous: bool,
     },
 }
 
@@ -301,7 +357,7 @@ enum State {
     /// WaitingForData: `AUTH EXTERNAL` came without a response, we sent DATA.
     Challenged,
     /// WaitingForBegin: we sent OK.
-    Accepted { unix_fds: bool },
+    Accepted { unix_fds: bool, anonymous: bool },
 }
 
 /// The line-level SASL server: feed it each line (without CRLF), send back
@@ -312,6 +368,7 @@ pub struct Sasl {
     peer_uid: u32,
     owner_uid: u32,
     guid: String,
+    mechanisms: Mechanisms,
     failures: u32,
 }
 
@@ -323,6 +380,7 @@ impl Sasl {
             peer_uid,
             owner_uid: policy.owner_uid,
             guid: policy.guid.clone(),
+            mechanisms: policy.mechanisms,
             failures: 0,
         }
     }
@@ -339,14 +397,26 @@ impl Sasl {
             ("DATA", State::Challenged) => self.external(args),
             ("DATA", _) => self.error("DATA without a pending AUTH"),
             ("CANCEL" | "ERROR", _) => self.reject(),
-            ("NEGOTIATE_UNIX_FD", State::Accepted { .. }) => {
-                self.state = State::Accepted { unix_fds: true };
+            ("NEGOTIATE_UNIX_FD", State::Accepted { anonymous, .. }) => {
+                self.state = State::Accepted {
+                    unix_fds: true,
+                    anonymous,
+                };
                 Ok(Step::Reply("AGREE_UNIX_FD\r\n".to_owned()))
             }
             ("NEGOTIATE_UNIX_FD" | "BEGIN", State::Idle | State::Challenged) => {
                 self.error("Not authenticated")
             }
-            ("BEGIN", State::Accepted { unix_fds }) => Ok(Step::Begin { unix_fds }),
+            (
+                "BEGIN",
+                State::Accepted {
+                    unix_fds,
+                    anonymous,
+                },
+            ) => Ok(Step::Begin {
+                unix_fds,
+                anonymous,
+            }),
             _ => self.error("Unknown command"),
         }
     }
@@ -354,11 +424,13 @@ impl Sasl {
     /// `AUTH [mechanism [initial-response]]`.
     fn auth(&mut self, args: &str) -> Result<Step, AuthError> {
         match args.split_once(' ').unwrap_or((args, "")) {
-            ("EXTERNAL", "") => {
+            ("EXTERNAL", "") if self.mechanisms.external => {
                 self.state = State::Challenged;
                 Ok(Step::Reply("DATA\r\n".to_owned()))
             }
-            ("EXTERNAL", response) => self.external(response),
+            ("EXTERNAL", response) if self.mechanisms.external => self.external(response),
+            // The response is optional trace text (RFC 4505); the bus does not use it.
+            ("ANONYMOUS", _) if self.mechanisms.anonymous => Ok(self.accept(true)),
             _ => self.reject(),
         }
     }
@@ -373,18 +445,27 @@ impl Sasl {
         };
         let allowed = self.peer_uid == self.owner_uid || self.peer_uid == 0;
         if claimed == Some(self.peer_uid) && allowed {
-            self.state = State::Accepted { unix_fds: false };
-            Ok(Step::Reply(format!("OK {}\r\n", self.guid)))
+            Ok(self.accept(false))
         } else {
             tracing::debug!(peer_uid = self.peer_uid, ?claimed, "EXTERNAL rejected");
             self.reject()
         }
     }
 
+    /// Says OK: the client may negotiate fds and begin.
+    fn accept(&mut self, anonymous: bool) -> Step {
+        self.state = State::Accepted {
+            unix_fds: false,
+            anonymous,
+        };
+        Step::Reply(format!("OK {}\r\n", self.guid))
+    }
+
     /// Aborts the current exchange with REJECTED.
     fn reject(&mut self) -> Result<Step, AuthError> {
         self.state = State::Idle;
-        self.fail(REJECTED.to_owned())
+        let rejected = self.mechanisms.rejected();
+        self.fail(rejected)
     }
 
     /// Refuses one line with ERROR; the state stays as it was.
@@ -449,6 +530,7 @@ mod tests {
     const GUID: &str = "0123456789abcdef0123456789abcdef";
     const OWNER: u32 = 1000;
     const OK_LINE: &str = "OK 0123456789abcdef0123456789abcdef\r\n";
+    const REJECTED: &str = "REJECTED EXTERNAL\r\n";
     const UNKNOWN: &str = "ERROR \"Unknown command\"\r\n";
     const NOT_AUTHENTICATED: &str = "ERROR \"Not authenticated\"\r\n";
     const NO_PENDING_AUTH: &str = "ERROR \"DATA without a pending AUTH\"\r\n";
@@ -460,6 +542,7 @@ mod tests {
             owner_uid: OWNER,
             timeout: Duration::from_secs(10),
             max_line: 64,
+            mechanisms: Mechanisms::EXTERNAL,
         }
     }
 
@@ -475,7 +558,10 @@ mod tests {
     fn assert_begins(sasl: &mut Sasl, unix_fds: bool) {
         assert_eq!(
             sasl.handle_line(b"BEGIN").ok(),
-            Some(Step::Begin { unix_fds })
+            Some(Step::Begin {
+                unix_fds,
+                anonymous: false
+            })
         );
     }
 
@@ -561,6 +647,81 @@ mod tests {
             AUTH_IN_PROGRESS
         );
         assert_eq!(answer(&mut sasl, "DATA 31303030"), OK_LINE);
+    }
+
+    fn with_mechanisms(mechanisms: Mechanisms) -> AuthPolicy {
+        AuthPolicy {
+            mechanisms,
+            ..policy()
+        }
+    }
+
+    #[test]
+    fn anonymous_is_accepted_from_anyone_only_where_offered() {
+        let both = Mechanisms {
+            external: true,
+            anonymous: true,
+        };
+        let stranger = OWNER + 1;
+        for line in ["AUTH ANONYMOUS", "AUTH ANONYMOUS 7472616365"] {
+            let mut sasl = Sasl::new(stranger, &with_mechanisms(both));
+            assert_eq!(answer(&mut sasl, line), OK_LINE, "{line}");
+            assert_eq!(answer(&mut sasl, "NEGOTIATE_UNIX_FD"), "AGREE_UNIX_FD\r\n");
+            assert_eq!(
+                sasl.handle_line(b"BEGIN").ok(),
+                Some(Step::Begin {
+                    unix_fds: true,
+                    anonymous: true
+                })
+            );
+        }
+        let mut sasl = Sasl::new(stranger, &policy());
+        assert_eq!(answer(&mut sasl, "AUTH ANONYMOUS"), REJECTED);
+    }
+
+    #[test]
+    fn the_rejected_line_lists_what_is_offered_and_external_can_be_withheld() {
+        let anonymous_only = Mechanisms {
+            external: false,
+            anonymous: true,
+        };
+        let mut sasl = Sasl::new(OWNER, &with_mechanisms(anonymous_only));
+        let rejected = "REJECTED ANONYMOUS\r\n";
+        assert_eq!(answer(&mut sasl, "AUTH"), rejected);
+        assert_eq!(answer(&mut sasl, "AUTH EXTERNAL 31303030"), rejected);
+        let both = Mechanisms {
+            external: true,
+            anonymous: true,
+        };
+        let mut sasl = Sasl::new(OWNER, &with_mechanisms(both));
+        assert_eq!(answer(&mut sasl, "AUTH"), "REJECTED EXTERNAL ANONYMOUS\r\n");
+    }
+
+    #[test]
+    fn configured_mechanisms_follow_auth_and_allow_anonymous() {
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(Mechanisms::configured(&[], false), Ok(Mechanisms::EXTERNAL));
+        assert_eq!(
+            Mechanisms::configured(&[], true),
+            Ok(Mechanisms {
+                external: true,
+                anonymous: true
+            })
+        );
+        assert_eq!(
+            Mechanisms::configured(&names(&["EXTERNAL", "ANONYMOUS"]), false),
+            Ok(Mechanisms::EXTERNAL)
+        );
+        assert_eq!(
+            Mechanisms::configured(&names(&["ANONYMOUS"]), true),
+            Ok(Mechanisms {
+                external: false,
+                anonymous: true
+            })
+        );
+        let err = Mechanisms::configured(&names(&["DBUS_COOKIE_SHA1"]), false).unwrap_err();
+        assert!(err.contains("DBUS_COOKIE_SHA1"), "{err}");
+        assert!(Mechanisms::configured(&names(&["ANONYMOUS"]), false).is_err());
     }
 
     #[test]
@@ -780,6 +941,7 @@ mod tests {
             outcome.unwrap(),
             Some(Authenticated {
                 unix_fds: false,
+                anonymous: false,
                 leftover: Vec::new()
             })
         );

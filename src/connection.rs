@@ -64,7 +64,7 @@ impl Drop for Incomplete<'_> {
 
 /// Serves one accepted socket until it closes or the bus drops it.
 pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
-    let creds = match peer_credentials(&stream) {
+    let mut creds = match peer_credentials(&stream) {
         Ok(creds) => creds,
         Err(e) => {
             warn!("refusing a connection whose credentials cannot be read: {e}");
@@ -112,6 +112,7 @@ pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
             return;
         }
     };
+    creds.anonymous = authenticated.anonymous;
     let (pid, uid) = (creds.pid, creds.uid);
     if let Err(why) = shared.bus.borrow().admit(&creds) {
         warn!(pid, uid, "refusing a connection: {why}");
@@ -269,6 +270,7 @@ fn peer_credentials(stream: &UnixStream) -> io::Result<Credentials> {
         pid: u32::try_from(cred.pid()).unwrap_or(0),
         gids: peer_groups(stream, cred.gid()),
         security_label: None,
+        anonymous: false,
     })
 }
 

@@ -192,7 +192,15 @@ impl Bus {
             "AddMatch" => self.add_match(from, msg),
             "RemoveMatch" => self.remove_match(from, msg),
             "GetId" => reply(msg, &(self.guid.as_str(),)),
-            "GetConnectionUnixUser" => self.with_creds(msg, "UID", |c, _| reply(msg, &(c.uid,))),
+            "GetConnectionUnixUser" => self.with_creds(msg, "UID", |c, _| {
+                if c.anonymous {
+                    return Err(fail(
+                        "org.freedesktop.DBus.Error.Failed",
+                        "Could not determine UID: the connection authenticated anonymously",
+                    ));
+                }
+                reply(msg, &(c.uid,))
+            }),
             "GetConnectionUnixProcessID" => {
                 self.with_creds(msg, "PID", |c, _| reply(msg, &(c.pid,)))
             }
@@ -261,13 +269,6 @@ impl Bus {
     fn request_name(&mut self, from: PeerId, msg: &Message) -> Outcome {
         let (name, flags): (String, u32) = args(msg)?;
         let name = ownable_name(&name)?;
-        // As in dbus-daemon, the unique name counts as one.
-        if self.names.count_for(from) + 1 >= self.limits.max_names_per_connection {
-            return Err(fail(
-                "org.freedesktop.DBus.Error.LimitsExceeded",
-                "The maximum number of names per connection has been reached",
-            ));
-        }
         if !self.may_own(from, name) {
             let unique = self.unique_name(from).unwrap_or_default();
             return Err(fail(
@@ -275,6 +276,13 @@ impl Bus {
                 format!(
                     "Connection \"{unique}\" is not allowed to own the service \"{name}\" due to security policies in the configuration file"
                 ),
+            ));
+        }
+        // As in dbus-daemon: after the policy, and the unique name counts as one.
+        if self.names.count_for(from) + 1 >= self.limits.max_names_per_connection {
+            return Err(fail(
+                "org.freedesktop.DBus.Error.LimitsExceeded",
+                "The maximum number of names per connection has been reached",
             ));
         }
         let (result, events) = self.names.request(name, from, flags);
@@ -446,8 +454,10 @@ impl Bus {
         let caller_takes_fds = self.peers.get(&from).is_some_and(|p| p.unix_fds);
         self.with_creds(msg, "credentials", |c, conn| {
             let mut dict: HashMap<&str, Value<'_>> = HashMap::new();
-            dict.insert("UnixUserID", Value::U32(c.uid));
-            dict.insert("UnixGroupIDs", Value::from(c.gids.clone()));
+            if !c.anonymous {
+                dict.insert("UnixUserID", Value::U32(c.uid));
+                dict.insert("UnixGroupIDs", Value::from(c.gids.clone()));
+            }
             dict.insert("ProcessID", Value::U32(c.pid));
             if let Some(label) = &c.security_label {
                 dict.insert("LinuxSecurityLabel", Value::from(label.clone()));
@@ -690,6 +700,7 @@ fn own_credentials() -> crate::bus::Credentials {
         pid: std::process::id(),
         gids: vec![nix::unistd::getgid().as_raw()],
         security_label: None,
+        anonymous: false,
     }
 }
 

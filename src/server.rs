@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 use crate::activation::{Activation, StartPolicy, watch};
 use crate::address::{ListenAddress, random_hex};
-use crate::auth::AuthPolicy;
+use crate::auth::{AuthPolicy, Mechanisms};
 use crate::bus::activation::CoreEvent;
 use crate::bus::settings::Settings;
 use crate::bus::{Bus, Limits};
@@ -76,6 +76,8 @@ async fn serve(
     let mut int =
         signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
+    let mechanisms = Mechanisms::configured(&config.auth, config.allow_anonymous)
+        .map_err(|e| format!("cannot use the configuration: {e}"))?;
     let listeners = bind_all(&opts, &config)?;
     let _pid_file = match (&config.pidfile, opts.nopidfile) {
         (Some(path), false) => Some(daemon::PidFile::create(path)?),
@@ -117,6 +119,7 @@ async fn serve(
             owner_uid: nix::unistd::getuid().as_raw(),
             timeout: config.limits.auth_timeout,
             max_line: 16 * 1024,
+            mechanisms,
         },
         scratch: RefCell::new(Vec::new()),
         incomplete: Cell::new(0),

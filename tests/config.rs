@@ -1505,3 +1505,88 @@ fn the_activation_request_waits_for_systemd_to_join_the_bus() {
     let got = first_named(&mut systemd, earlier, "Do");
     assert_eq!(got.primary_header().serial_num(), held);
 }
+
+/// A bus that offers `auth` (its `<auth>` lines) and lets everyone do everything.
+fn with_auth(auth: &str) -> String {
+    format!(
+        "<busconfig>\n  <type>session</type>\n  <listen>unix:tmpdir=/tmp</listen>\n  {auth}\n  \
+         <policy context=\"default\">{ALLOW_ALL}\n  </policy>\n  \
+         <policy user=\"root\"><deny own=\"org.example.NotForRoot\"/></policy>\n</busconfig>\n"
+    )
+}
+
+/// The server's answer to `line` as the first line of a handshake.
+fn auth_answer(broker: &Broker, line: &str) -> String {
+    use std::io::{BufRead, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(&broker.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+        .write_all(format!("\0{line}\r\n").as_bytes())
+        .unwrap();
+    let mut answer = String::new();
+    std::io::BufReader::new(stream)
+        .read_line(&mut answer)
+        .unwrap();
+    answer.trim_end().to_owned()
+}
+
+#[test]
+fn allow_anonymous_lets_a_client_in_without_an_identity_that_user_policies_do_not_cover() {
+    let broker = Broker::start_with_config(&with_auth(
+        "<auth>EXTERNAL</auth><auth>ANONYMOUS</auth><allow_anonymous/>",
+    ));
+    assert_eq!(auth_answer(&broker, "AUTH"), "REJECTED EXTERNAL ANONYMOUS");
+    let mut anonymous = RawClient::connect_anonymous(&broker.socket);
+    // The bus does not vouch for who it is: no uid to report, and root's policy is not its.
+    let unique = anonymous.unique.clone();
+    let err = anonymous
+        .driver_call("GetConnectionUnixUser", &(unique.as_str(),))
+        .unwrap_err();
+    assert_eq!(error_name(&err), "org.freedesktop.DBus.Error.Failed");
+    let reply = anonymous
+        .driver_call("RequestName", &("org.example.NotForRoot", 0u32))
+        .expect("the root policy does not apply to an anonymous client");
+    assert_eq!(reply.body().deserialize::<u32>().unwrap(), 1);
+    let mut root = RawClient::connect(&broker.socket);
+    let err = root
+        .driver_call("RequestName", &("org.example.NotForRoot", 0u32))
+        .unwrap_err();
+    assert_eq!(error_name(&err), ACCESS_DENIED);
+}
+
+#[test]
+fn auth_restricts_the_mechanisms_and_libdbus_falls_back_to_anonymous() {
+    let broker = Broker::start_with_config(&with_auth("<auth>ANONYMOUS</auth><allow_anonymous/>"));
+    assert_eq!(
+        auth_answer(&broker, "AUTH EXTERNAL 30"),
+        "REJECTED ANONYMOUS",
+        "EXTERNAL is not offered"
+    );
+    let (ok, out, err) = common::run_client(
+        &broker,
+        "dbus-send",
+        &[
+            "--session",
+            "--print-reply",
+            "--dest=org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus.GetId",
+        ],
+    );
+    assert!(ok, "dbus-send failed: {err}");
+    assert!(out.contains("string \""), "{out}");
+
+    // Without <allow_anonymous/>, ANONYMOUS is not offered.
+    let broker =
+        Broker::start_with_config(&with_auth("<auth>EXTERNAL</auth><auth>ANONYMOUS</auth>"));
+    assert_eq!(auth_answer(&broker, "AUTH ANONYMOUS"), "REJECTED EXTERNAL");
+}
+
+#[test]
+fn a_configuration_that_leaves_no_mechanism_broker_has_is_refused_at_startup() {
+    let (code, stderr, _) = start_must_fail(&with_auth("<auth>DBUS_COOKIE_SHA1</auth>"), &[]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("DBUS_COOKIE_SHA1"), "{stderr}");
+}

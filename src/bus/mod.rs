@@ -78,6 +78,20 @@ pub struct Credentials {
     pub pid: u32,
     pub gids: Vec<u32>,
     pub security_label: Option<Vec<u8>>,
+    /// The client authenticated with ANONYMOUS: the bus does not vouch for its uid.
+    pub anonymous: bool,
+}
+
+impl Credentials {
+    /// The uid and groups the policy judges: for an anonymous client, the uid -1 and no
+    /// groups, so that no `user` or `group` rule is about it, as in dbus-daemon.
+    pub fn policy_identity(&self) -> (u32, &[u32]) {
+        if self.anonymous {
+            (u32::MAX, &[])
+        } else {
+            (self.uid, &self.gids)
+        }
+    }
 }
 
 /// Limits the bus enforces per connection.

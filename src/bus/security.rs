@@ -22,7 +22,8 @@ impl Bus {
     /// May a connection with `creds` join the bus? Refused when no `user`/`group` rule lets
     /// its user in (root always may). The error is the reason, for the log.
     pub fn admit(&self, creds: &Credentials) -> Result<(), String> {
-        if !self.may_connect(creds) {
+        // An anonymous client got in through `<allow_anonymous/>`, whoever it is.
+        if !creds.anonymous && !self.may_connect(creds) {
             return Err(format!("the policy does not let uid {} connect", creds.uid));
         }
         Ok(())
@@ -72,7 +73,8 @@ impl Bus {
         let (Some(policy), Some(peer)) = (&self.policy, self.peers.get(&id)) else {
             return true;
         };
-        policy.check_own(name, peer.creds.uid, &peer.creds.gids)
+        let (uid, gids) = peer.creds.policy_identity();
+        policy.check_own(name, uid, gids)
     }
 
     /// The send check of `from` and the receive check of `to` (none: the driver, an unowned
@@ -219,7 +221,8 @@ impl Bus {
         };
         let names = to.map(|to| self.names_of_peer(to));
         let receiver = names.as_deref().map_or(Party::Bus, Party::Peer);
-        policy.check_send(sender.creds.uid, &sender.creds.gids, facts, receiver)
+        let (uid, gids) = sender.creds.policy_identity();
+        policy.check_send(uid, gids, facts, receiver)
     }
 
     fn receive_verdict(
@@ -239,8 +242,8 @@ impl Bus {
         };
         let names = from.map(|from| self.names_of_peer(from));
         let sender = names.as_deref().map_or(Party::Bus, Party::Peer);
-        let creds = &receiver.creds;
-        policy.check_receive(creds.uid, &creds.gids, facts, sender, eavesdropping)
+        let (uid, gids) = receiver.creds.policy_identity();
+        policy.check_receive(uid, gids, facts, sender, eavesdropping)
     }
 
     /// A connection's unique name and every name it owns or waits for.

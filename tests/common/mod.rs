@@ -182,19 +182,29 @@ impl RawClient {
 
     /// Connects and authenticates, with or without fd passing, without `Hello`.
     pub fn authenticate(socket: &Path, unix_fds: bool) -> RawClient {
+        let uid = nix::unistd::getuid().as_raw().to_string();
+        let hex: String = uid.bytes().map(|b| format!("{b:02x}")).collect();
+        RawClient::authenticate_with(socket, &format!("AUTH EXTERNAL {hex}"), unix_fds)
+    }
+
+    /// Connects, authenticates anonymously (`<allow_anonymous/>`) and says `Hello`.
+    pub fn connect_anonymous(socket: &Path) -> RawClient {
+        RawClient::register(RawClient::authenticate_with(socket, "AUTH ANONYMOUS", true))
+    }
+
+    /// Connects and authenticates with the `auth` line, without `Hello`.
+    pub fn authenticate_with(socket: &Path, auth: &str, unix_fds: bool) -> RawClient {
         let mut stream = UnixStream::connect(socket).expect("connect");
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
-        let uid = nix::unistd::getuid().as_raw().to_string();
-        let hex: String = uid.bytes().map(|b| format!("{b:02x}")).collect();
         let negotiate = if unix_fds {
             "NEGOTIATE_UNIX_FD\r\n"
         } else {
             ""
         };
         stream
-            .write_all(format!("\0AUTH EXTERNAL {hex}\r\n{negotiate}BEGIN\r\n").as_bytes())
+            .write_all(format!("\0{auth}\r\n{negotiate}BEGIN\r\n").as_bytes())
             .expect("auth");
         let mut client = RawClient {
             stream,
