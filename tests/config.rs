@@ -1590,3 +1590,30 @@ fn a_configuration_that_leaves_no_mechanism_broker_has_is_refused_at_startup() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains("DBUS_COOKIE_SHA1"), "{stderr}");
 }
+
+#[test]
+fn a_connections_first_refusal_is_logged_at_info_and_the_rest_at_debug() {
+    let broker = Broker::start_with_config(&allow_all_then(
+        r#"<deny send_interface="org.example.Forbidden"/>"#,
+    ));
+    let _target = owner_of(&broker, "org.example.Target");
+    let mut caller = RawClient::connect(&broker.socket);
+    for _ in 0..3 {
+        let serial = send_call(
+            &mut caller,
+            "org.example.Target",
+            "/org/example",
+            "org.example.Forbidden",
+            "Do",
+        );
+        assert_denied(&mut caller, serial, "a forbidden interface");
+    }
+    let log = broker.log();
+    let refusals = |level: &str| {
+        log.lines()
+            .filter(|l| l.contains(level) && l.contains("Rejected send message"))
+            .count()
+    };
+    assert_eq!(refusals(" INFO "), 1, "{log}");
+    assert_eq!(refusals(" DEBUG "), 2, "{log}");
+}

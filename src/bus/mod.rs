@@ -172,6 +172,8 @@ pub struct Peer {
     pub service_owner: bool,
     /// This peer's messages the bus holds while their services start: bytes and fds.
     pub held: (usize, usize),
+    /// A refused message of this peer has been logged at info.
+    pub refusal_logged: bool,
 }
 
 pub struct Bus {
@@ -253,6 +255,7 @@ impl Bus {
                 owed: HashSet::default(),
                 service_owner: false,
                 held: (0, 0),
+                refusal_logged: false,
             },
         );
         id

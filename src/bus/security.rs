@@ -2,7 +2,7 @@
 //! connection limits, with dbus-daemon's errors. The per-message checks run only when the policy
 //! is not [`Policy::allows_all_messages`](crate::config::Policy::allows_all_messages).
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use zbus::Message;
 use zbus::message::{Header, Type};
 
@@ -288,8 +288,16 @@ impl Bus {
             to.map_or_else(|| "bus".to_owned(), |to| name(Some(to))),
         );
         drop(header);
+        // dbus-daemon logs every refusal; a client could flood the log that way, so each
+        // connection's first refusal is logged for the operator and the rest at debug.
+        let first = self
+            .peers
+            .get_mut(&from)
+            .is_some_and(|p| !std::mem::replace(&mut p.refusal_logged, true));
         if verdict.log {
             warn!("{text}");
+        } else if first {
+            info!("{text} (further refusals of this connection are logged at debug)");
         } else {
             debug!("{text}");
         }
