@@ -18,6 +18,8 @@ pub enum ListenAddress {
     Abstract(Vec<u8>),
     /// A fresh, randomly named socket file in this directory (`tmpdir=` and `dir=`).
     Dir(PathBuf),
+    /// `systemd:`: the listening sockets systemd passes (socket activation).
+    Systemd,
 }
 
 /// An address that could not be parsed or bound.
@@ -50,9 +52,12 @@ impl ListenAddress {
     /// the first is taken.
     pub fn parse(address: &str) -> Result<ListenAddress, AddressError> {
         let first = address.split(';').find(|a| !a.is_empty()).unwrap_or("");
+        if first == "systemd:" {
+            return Ok(ListenAddress::Systemd);
+        }
         let rest = first.strip_prefix("unix:").ok_or_else(|| {
             error(format!(
-                "unsupported address {first:?}: only unix: transports are supported"
+                "unsupported address {first:?}: only unix: transports and systemd: are supported"
             ))
         })?;
         let mut found = None;
@@ -93,8 +98,10 @@ impl ListenAddress {
 
     /// Binds the address. A socket file where a bus already answers is refused; a stale one is
     /// replaced. Returns the listener and the address of what was bound (a `Dir` becomes a `Path`).
+    /// `systemd:` binds nothing: see [`systemd_sockets`].
     pub fn bind(&self) -> Result<(StdListener, ListenAddress), AddressError> {
         match self {
+            ListenAddress::Systemd => Err(error("systemd: takes sockets, it binds none")),
             ListenAddress::Path(path) => bind_path(path).map(|l| (l, self.clone())),
             ListenAddress::Abstract(name) => {
                 let addr = SocketAddr::from_abstract_name(name)
@@ -129,8 +136,64 @@ impl ListenAddress {
                 format!("unix:path={},guid={guid}", escape(p.as_os_str().as_bytes()))
             }
             ListenAddress::Abstract(name) => format!("unix:abstract={},guid={guid}", escape(name)),
+            ListenAddress::Systemd => format!("systemd:guid={guid}"),
         }
     }
+}
+
+/// `systemd:`: the listening sockets systemd passed to this process (`LISTEN_FDS` of them from
+/// fd 3, when `LISTEN_PID` is this process), each with the address it is bound to. The bus
+/// does not remove their socket files: systemd owns them.
+pub fn systemd_sockets() -> Result<Vec<(StdListener, ListenAddress)>, AddressError> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let (Some(pid), Some(count)) = (var("LISTEN_PID"), var("LISTEN_FDS")) else {
+        return Err(error(
+            "systemd: needs the sockets of systemd's socket activation (LISTEN_PID and \
+             LISTEN_FDS are not set)",
+        ));
+    };
+    if pid.parse::<u32>().ok() != Some(std::process::id()) {
+        return Err(error(format!(
+            "systemd: the passed sockets are for process {pid}, not this one"
+        )));
+    }
+    let count: i32 = count
+        .parse()
+        .ok()
+        .filter(|n| (1..=1024).contains(n))
+        .ok_or_else(|| {
+            error(format!(
+                "systemd: LISTEN_FDS={count} is not a count of sockets"
+            ))
+        })?;
+    (3..3 + count).map(passed_socket).collect()
+}
+
+/// One socket systemd passed: it must be a listening stream socket of the unix family.
+fn passed_socket(fd: i32) -> Result<(StdListener, ListenAddress), AddressError> {
+    use nix::fcntl::{F_SETFD, FdFlag, fcntl};
+    use nix::sys::socket::{SockType, getsockopt, sockopt};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: systemd hands this process fds 3 to 3 + LISTEN_FDS; nothing else here owns them.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let not_ours = |why: String| error(format!("systemd: fd {fd} {why}"));
+    fcntl(&owned, F_SETFD(FdFlag::FD_CLOEXEC))
+        .map_err(|e| not_ours(format!("cannot be kept from services: {e}")))?;
+    let stream = getsockopt(&owned, sockopt::SockType).map(|t| t == SockType::Stream);
+    let listening = getsockopt(&owned, sockopt::AcceptConn);
+    if !matches!((stream, listening), (Ok(true), Ok(true))) {
+        return Err(not_ours("is not a listening stream socket".into()));
+    }
+    let listener = StdListener::from(owned);
+    let local = listener
+        .local_addr()
+        .map_err(|e| not_ours(format!("is not a unix socket: {e}")))?;
+    let address = match (local.as_pathname(), local.as_abstract_name()) {
+        (Some(path), _) => ListenAddress::Path(path.to_owned()),
+        (None, Some(name)) => ListenAddress::Abstract(name.to_owned()),
+        (None, None) => return Err(not_ours("is an unnamed socket".into())),
+    };
+    Ok((listener, address))
 }
 
 fn runtime_dir() -> Option<PathBuf> {
@@ -240,6 +303,10 @@ mod tests {
             ListenAddress::parse("unix:path=/x,guid=0123;unix:abstract=y").unwrap(),
             ListenAddress::Path("/x".into())
         );
+        assert_eq!(
+            ListenAddress::parse("systemd:").unwrap(),
+            ListenAddress::Systemd
+        );
     }
 
     #[test]
@@ -251,6 +318,7 @@ mod tests {
             "unix:path=%zz",
             "unix:foo=1",
             "unix:runtime=no",
+            "systemd:x=1",
         ] {
             assert!(ListenAddress::parse(bad).is_err(), "{bad} accepted");
         }

@@ -16,7 +16,7 @@ use tokio::sync::mpsc::{self, UnboundedSender};
 use std::path::PathBuf;
 
 use crate::activation::{Activation, StartPolicy, watch};
-use crate::address::{ListenAddress, random_hex};
+use crate::address::{self, ListenAddress, random_hex};
 use crate::auth::{AuthPolicy, Mechanisms};
 use crate::bus::activation::CoreEvent;
 use crate::bus::settings::Settings;
@@ -225,14 +225,27 @@ fn bind_all(
     };
     let mut bound_all = Vec::new();
     for wanted in addresses {
-        let (std_listener, bound) = wanted.bind().map_err(|e| e.to_string())?;
-        let socket_file = SocketFile(bound.socket_file().map(Into::into));
-        std_listener
-            .set_nonblocking(true)
-            .map_err(|e| format!("cannot make the listening socket non-blocking: {e}"))?;
-        let listener = UnixListener::from_std(std_listener)
-            .map_err(|e| format!("cannot register the listening socket: {e}"))?;
-        bound_all.push((listener, bound, socket_file));
+        let bound_here = match wanted {
+            // systemd owns the socket files of the sockets it passes: none is removed on exit.
+            ListenAddress::Systemd => address::systemd_sockets()
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|(listener, bound)| (listener, bound, SocketFile(None)))
+                .collect(),
+            other => {
+                let (listener, bound) = other.bind().map_err(|e| e.to_string())?;
+                let socket_file = SocketFile(bound.socket_file().map(Into::into));
+                vec![(listener, bound, socket_file)]
+            }
+        };
+        for (std_listener, bound, socket_file) in bound_here {
+            std_listener
+                .set_nonblocking(true)
+                .map_err(|e| format!("cannot make the listening socket non-blocking: {e}"))?;
+            let listener = UnixListener::from_std(std_listener)
+                .map_err(|e| format!("cannot register the listening socket: {e}"))?;
+            bound_all.push((listener, bound, socket_file));
+        }
     }
     Ok(bound_all)
 }

@@ -214,3 +214,49 @@ fn syslog_without_a_system_log_falls_back_to_stderr() {
     let log = broker.wait_for_log("listening");
     assert!(log.contains("cannot reach the system log at /nonexistent/log"));
 }
+
+#[test]
+fn address_systemd_serves_on_the_socket_systemd_passes_and_leaves_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("bus");
+    let mut activator = Command::new("systemd-socket-activate")
+        .arg(format!("--listen={}", socket.display()))
+        .arg(env!("CARGO_BIN_EXE_broker"))
+        .args(["--session", "--address=systemd:", "--print-address"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate (package systemd)");
+    assert!(
+        wait_for_path(&socket, true),
+        "no socket from systemd-socket-activate"
+    );
+    // The first connection makes the activator start the bus with the socket.
+    let mut client = RawClient::connect(&socket);
+    client.driver_call("GetId", &()).expect("the bus answers");
+    let mut line = String::new();
+    let stdout = activator.stdout.take().unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+    assert!(
+        line.starts_with(&format!("unix:path={},guid=", socket.display())),
+        "printed {line:?}"
+    );
+    stop(activator.id());
+    activator.wait().unwrap();
+    assert!(
+        socket.exists(),
+        "the bus removed a socket file that systemd owns"
+    );
+}
+
+#[test]
+fn address_systemd_without_passed_sockets_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["--session", "--address=systemd:"])
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("LISTEN_FDS"));
+}
