@@ -993,6 +993,8 @@ fn an_unexpected_reply_the_policy_does_not_allow_is_answered_with_access_denied(
         "the refused reply is answered, before the later call"
     );
     assert_eq!(error_name(&answer), ACCESS_DENIED);
+    let text = error_text(&answer);
+    assert!(text.contains("requested_reply=\"0\""), "{text}");
 }
 
 // ---------------------------------------------------------------------------------------------

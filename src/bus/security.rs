@@ -122,6 +122,7 @@ impl Bus {
         } else {
             None
         };
+        let requested_reply = facts.requested_reply;
         drop(header);
         match refused {
             None => true,
@@ -129,7 +130,7 @@ impl Bus {
                 if show_monitors {
                     self.copy_to_monitors(msg);
                 }
-                self.refuse(from, to, msg, direction, verdict);
+                self.refuse(from, to, msg, (direction, verdict), requested_reply);
                 false
             }
         }
@@ -180,8 +181,9 @@ impl Bus {
         } else {
             (Direction::Send, send)
         };
+        let requested_reply = facts.requested_reply;
         drop(header);
-        self.refuse(from, Some(to), msg, refusal.0, refusal.1);
+        self.refuse(from, Some(to), msg, refusal, requested_reply);
     }
 
     /// The receive check of `to` for a message of the driver. As in dbus-daemon, a refused one
@@ -261,8 +263,8 @@ impl Bus {
         from: PeerId,
         to: Option<PeerId>,
         msg: &Message,
-        direction: Direction,
-        verdict: Verdict,
+        (direction, verdict): (Direction, Verdict),
+        requested_reply: bool,
     ) {
         let header = msg.header();
         let name = |id: Option<PeerId>| {
@@ -283,7 +285,7 @@ impl Bus {
             header.interface().map_or("(unset)", |i| i.as_str()),
             header.member().map_or("(unset)", |m| m.as_str()),
             header.error_name().map_or("(unset)", |e| e.as_str()),
-            u8::from(header.reply_serial().is_some()),
+            u8::from(requested_reply),
             header.destination().map_or("(unset)", |d| d.as_str()),
             to.map_or_else(|| "bus".to_owned(), |to| name(Some(to))),
         );
