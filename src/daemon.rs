@@ -86,25 +86,57 @@ pub fn detach_stdio() {
 pub struct PidFile(PathBuf);
 
 impl PidFile {
-    /// Writes this process's pid to `path`. An existing file is refused, as dbus-daemon
-    /// refuses it: another bus may be running.
+    /// Writes this process's pid to `path`. A file naming a process that still runs is
+    /// refused, as dbus-daemon refuses it: another bus may be running. One left behind by a
+    /// bus that has gone (it may not have been allowed to remove it) is replaced.
     pub fn create(path: &Path) -> Result<PidFile, String> {
+        if let Some(pid) = running_pid_in(path) {
+            return Err(format!(
+                "the pid file {} names process {pid}, which is running; if the message bus is \
+                 not running, remove the file",
+                path.display()
+            ));
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => info!(path = %path.display(), "replacing a stale pid file"),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(format!(
+                    "cannot remove the stale pid file {}: {e}",
+                    path.display()
+                ));
+            }
+        }
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o644)
             .open(path)
-            .map_err(|e| match e.kind() {
-                ErrorKind::AlreadyExists => format!(
-                    "the pid file {} exists; if the message bus is not running, remove it",
-                    path.display()
-                ),
-                _ => format!("cannot create the pid file {}: {e}", path.display()),
-            })?;
+            .map_err(|e| format!("cannot create the pid file {}: {e}", path.display()))?;
         writeln!(file, "{}", std::process::id())
             .map_err(|e| format!("cannot write the pid file {}: {e}", path.display()))?;
         debug!(path = %path.display(), "pid file written");
         Ok(PidFile(path.to_owned()))
+    }
+}
+
+/// The pid in the file at `path`, if the file names a process that runs. A file that cannot be
+/// read as a pid counts as naming one: it is not the bus's to remove.
+fn running_pid_in(path: &Path) -> Option<String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == ErrorKind::NotFound => return None,
+        Err(_) => return Some("(unreadable)".into()),
+    };
+    let text = text.trim().to_owned();
+    let pid = match text.parse::<i32>() {
+        Ok(pid) if pid > 0 => pid,
+        _ => return Some(format!("{text:?} (not a pid)")),
+    };
+    // Signal 0 checks that the process exists; EPERM means it exists under another user.
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Err(nix::errno::Errno::ESRCH) => None,
+        _ => Some(text),
     }
 }
 

@@ -120,7 +120,7 @@ fn the_pid_file_holds_the_pid_while_the_bus_runs_and_an_existing_one_is_refused(
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("exists"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("which is running"));
 
     // --nopidfile: the file is neither needed nor written.
     let mut second = Command::new(env!("CARGO_BIN_EXE_broker"))
@@ -147,6 +147,25 @@ fn the_pid_file_holds_the_pid_while_the_bus_runs_and_an_existing_one_is_refused(
 
     broker.stop();
     assert!(!pid_file.exists(), "the pid file outlived the bus");
+}
+
+#[test]
+fn a_pid_file_left_by_a_bus_that_has_gone_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("bus.pid");
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    std::fs::write(&pid_file, format!("{dead}\n")).unwrap();
+    let broker = Broker::start_with_config(&open_config(&format!(
+        "<pidfile>{}</pidfile>",
+        pid_file.display()
+    )));
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        broker.pid().to_string()
+    );
+    assert!(broker.log().contains("replacing a stale pid file"));
 }
 
 #[test]
