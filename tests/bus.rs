@@ -520,6 +520,32 @@ fn messages_with_fds_sent_back_to_back_all_arrive() {
 }
 
 #[test]
+fn a_receiver_that_reads_late_gets_everything_in_order() {
+    // 4 MiB cannot sit in the sockets: the bus must wait until the receiver reads, then go on.
+    let broker = Broker::start();
+    let mut sender = RawClient::connect(&broker.socket);
+    let mut late = RawClient::connect(&broker.socket);
+    let payload = vec![7u8; 1 << 19];
+    let mut serials = Vec::new();
+    for _ in 0..8 {
+        let serial = sender.next_serial();
+        let signal = Message::signal("/o", "org.example.Test", "Chunk")
+            .destination(late.unique.clone())
+            .serial(serial)
+            .build(&(payload.as_slice(),))
+            .unwrap();
+        sender.send(&signal);
+        serials.push(serial);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for serial in serials {
+        let got = late.recv_until(|m| member_of(m) == "Chunk");
+        assert_eq!(got.primary_header().serial_num(), serial);
+        assert_eq!(got.body().deserialize::<Vec<u8>>().unwrap().len(), 1 << 19);
+    }
+}
+
+#[test]
 fn a_receiver_that_never_reads_costs_only_itself() {
     let broker = Broker::start();
     let mut sender = RawClient::connect(&broker.socket);
