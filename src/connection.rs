@@ -160,7 +160,7 @@ async fn run(
         let pending_write = !conn.outbox.borrow().is_empty();
         // `max_incoming_bytes`: past it, the socket is left unread until the bus has delivered
         // what it holds of this sender's (the bus wakes the task then).
-        let paused = shared.bus.borrow().incoming_full(id);
+        let paused = conn.paused.get();
         fds_deadline = pending_fds_deadline(shared, reader, fds_deadline);
         tokio::select! {
             biased;
@@ -234,7 +234,7 @@ fn read_turn(
             Ok(read) => {
                 dispatch(shared, id, batch);
                 read?;
-                if conn.closing.get() || shared.bus.borrow().incoming_full(id) {
+                if conn.closing.get() || conn.paused.get() {
                     return Ok(());
                 }
             }

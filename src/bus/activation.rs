@@ -91,7 +91,10 @@ impl Bus {
         let Waiter::Deliver { from, msg } = waiter else {
             return;
         };
-        let was_full = self.incoming_full(*from);
+        let (max_bytes, max_fds) = (
+            self.limits.max_incoming_bytes,
+            self.limits.max_incoming_unix_fds,
+        );
         let Some(peer) = self.peers.get_mut(from) else {
             return;
         };
@@ -104,29 +107,18 @@ impl Bus {
             *held_bytes = held_bytes.saturating_sub(bytes);
             *held_fds = held_fds.saturating_sub(fds);
         }
-        let full = self.incoming_full(*from);
+        let full = *held_bytes >= max_bytes || *held_fds >= max_fds;
+        let was_full = peer.conn.paused.replace(full);
         if full && !was_full {
             debug!(
-                peer = self.unique_name(*from).unwrap_or("?"),
+                peer = %peer.unique,
                 "pausing reads: its messages held for starting services reached \
                  max_incoming_bytes or max_incoming_unix_fds"
             );
         }
-        if was_full
-            && !full
-            && let Some(peer) = self.peers.get(from)
-        {
+        if was_full && !full {
             peer.conn.wake.notify_one();
         }
-    }
-
-    /// Whether `peer`'s held messages have reached `max_incoming_bytes` or
-    /// `max_incoming_unix_fds`: the bus reads nothing more from it until they are delivered.
-    pub fn incoming_full(&self, peer: PeerId) -> bool {
-        self.peers.get(&peer).is_some_and(|p| {
-            p.held.0 >= self.limits.max_incoming_bytes
-                || p.held.1 >= self.limits.max_incoming_unix_fds
-        })
     }
 
     pub(super) fn arm_start_timer(&self, name: &str, generation: u64, timeout: Duration) {

@@ -45,6 +45,9 @@ pub struct Conn {
     pub wake: Notify,
     /// The bus has dropped this connection; its task ends.
     pub closing: Cell<bool>,
+    /// The bus holds as much of this sender's messages as `max_incoming_bytes` and
+    /// `max_incoming_unix_fds` allow: its socket is not read until they are delivered.
+    pub paused: Cell<bool>,
 }
 
 impl Conn {
@@ -54,6 +57,7 @@ impl Conn {
             outbox: RefCell::new(Outbox::default()),
             wake: Notify::new(),
             closing: Cell::new(false),
+            paused: Cell::new(false),
         })
     }
 
