@@ -157,7 +157,9 @@ async fn run(
         if conn.closing.get() {
             return Ok(());
         }
-        let pending_write = !conn.outbox.borrow().is_empty();
+        // Only a socket that refused bytes is waited on: what the core queued otherwise is the
+        // flusher's to write, without a write-readiness registration.
+        let pending_write = conn.write_blocked.get();
         // `max_incoming_bytes`: past it, the socket is left unread until the bus has delivered
         // what it holds of this sender's (the bus wakes the task then).
         let paused = conn.paused.get();

@@ -45,6 +45,8 @@ pub struct Conn {
     pub wake: Notify,
     /// The bus has dropped this connection; its task ends.
     pub closing: Cell<bool>,
+    /// The socket took less than the outbox held: the task waits until it takes more.
+    pub write_blocked: Cell<bool>,
     /// The bus holds as much of this sender's messages as `max_incoming_bytes` and
     /// `max_incoming_unix_fds` allow: its socket is not read until they are delivered.
     pub paused: Cell<bool>,
@@ -57,15 +59,19 @@ impl Conn {
             outbox: RefCell::new(Outbox::default()),
             wake: Notify::new(),
             closing: Cell::new(false),
+            write_blocked: Cell::new(false),
             paused: Cell::new(false),
         })
     }
 
     /// Writes what the socket takes now; what it does not take waits for the task.
     pub fn flush(&self) {
-        match self.outbox.borrow_mut().flush(self.socket.as_raw_fd()) {
+        let result = self.outbox.borrow_mut().flush(self.socket.as_raw_fd());
+        let blocked = matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        self.write_blocked.set(blocked);
+        match result {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.wake.notify_one(),
+            Err(_) if blocked => self.wake.notify_one(),
             Err(e) => {
                 debug!("write failed: {e}");
                 self.closing.set(true);
