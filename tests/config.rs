@@ -1078,7 +1078,7 @@ fn reload_config_reads_a_new_servicedir() {
     );
 
     std::fs::write(broker.config_file(), servicedir("second")).unwrap();
-    let (reply, before) = driver_call_keeping(&mut client, "ReloadConfig", &());
+    let (reply, before) = client.driver_call_keeping("ReloadConfig", &());
     assert_eq!(
         reply.message_type(),
         Type::MethodReturn,
@@ -1346,33 +1346,10 @@ fn fake_systemd(broker: &Broker) -> RawClient {
     systemd
 }
 
-/// Calls a driver method; returns its reply (or error) and the messages that came before it.
-fn driver_call_keeping<B>(client: &mut RawClient, member: &str, body: &B) -> (Message, Vec<Message>)
-where
-    B: serde::Serialize + zbus::DynamicType,
-{
-    let serial = client.next_serial();
-    let request = Message::method_call("/org/freedesktop/DBus", member)
-        .interface("org.freedesktop.DBus")
-        .destination("org.freedesktop.DBus")
-        .serial(serial)
-        .build(body)
-        .unwrap();
-    client.send(&request);
-    let mut before = Vec::new();
-    loop {
-        let msg = client.recv();
-        if msg.header().reply_serial() == Some(serial) {
-            return (msg, before);
-        }
-        before.push(msg);
-    }
-}
-
 /// Requests `name` for `client`; returns the messages that came before the reply. Like
 /// dbus-daemon, the bus hands over what waited for the name before it answers.
 fn take_name(client: &mut RawClient, name: &str) -> Vec<Message> {
-    let (reply, before) = driver_call_keeping(client, "RequestName", &(name, 0u32));
+    let (reply, before) = client.driver_call_keeping("RequestName", &(name, 0u32));
     assert_eq!(
         reply.message_type(),
         Type::MethodReturn,

@@ -102,25 +102,12 @@ fn a_sender_whose_held_messages_reach_max_incoming_bytes_is_not_read_until_they_
 
     // The service takes its name: the held calls go to it (before the reply to RequestName),
     // and the sender is read again.
-    let request = systemd.next_serial();
-    systemd.send(
-        &Message::method_call("/org/freedesktop/DBus", "RequestName")
-            .interface("org.freedesktop.DBus")
-            .destination("org.freedesktop.DBus")
-            .serial(request)
-            .build(&("org.example.Held", 0u32))
-            .unwrap(),
-    );
-    let mut delivered = Vec::new();
-    loop {
-        let msg = systemd.recv();
-        if msg.header().reply_serial() == Some(request) {
-            break;
-        }
-        if member_of(&msg) == "Take" {
-            delivered.push(msg.primary_header().serial_num());
-        }
-    }
+    let (_, before) = systemd.driver_call_keeping("RequestName", &("org.example.Held", 0u32));
+    let delivered: Vec<_> = before
+        .iter()
+        .filter(|m| member_of(m) == "Take")
+        .map(|m| m.primary_header().serial_num())
+        .collect();
     assert_eq!(delivered, held);
     sender
         .reply_to(serial)

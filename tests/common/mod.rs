@@ -341,6 +341,19 @@ impl RawClient {
     where
         B: serde::Serialize + zbus::DynamicType,
     {
+        let (reply, _before) = self.driver_call_keeping(member, body);
+        match reply.message_type() {
+            zbus::message::Type::Error => Err(reply),
+            _ => Ok(reply),
+        }
+    }
+
+    /// Calls a driver method; returns its reply (or error) and the messages that came before
+    /// it (what the call made the bus send first, such as messages held for a name).
+    pub fn driver_call_keeping<B>(&mut self, member: &str, body: &B) -> (Message, Vec<Message>)
+    where
+        B: serde::Serialize + zbus::DynamicType,
+    {
         let serial = self.next_serial();
         let call = Message::method_call("/org/freedesktop/DBus", member)
             .interface("org.freedesktop.DBus")
@@ -349,7 +362,14 @@ impl RawClient {
             .build(body)
             .expect("build call");
         self.send(&call);
-        self.reply_to(serial)
+        let mut before = Vec::new();
+        loop {
+            let msg = self.recv();
+            if msg.header().reply_serial() == Some(serial) {
+                return (msg, before);
+            }
+            before.push(msg);
+        }
     }
 
     /// Waits for the reply to `serial`.
