@@ -74,7 +74,7 @@ struct Sink;
 
 /// Writes one formatted line (the formatter writes each line whole, in one call).
 struct LineWriter {
-    /// syslog's priority: facility daemon (3) and the line's severity.
+    /// syslog's priority of the line.
     priority: u8,
 }
 

@@ -33,9 +33,10 @@ use crate::{daemon, logging};
 pub fn run(mut opts: Options) -> Result<(), String> {
     let config = load_config(&opts)?;
     logging::direct(opts.log_target, config.syslog);
-    let readiness = match opts.fork.unwrap_or(config.fork) {
-        true => Some(leave_foreground(&mut opts, config.keep_umask)?),
-        false => None,
+    let readiness = if opts.fork.unwrap_or(config.fork) {
+        Some(leave_foreground(&mut opts, config.keep_umask)?)
+    } else {
+        None
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
