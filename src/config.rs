@@ -1089,11 +1089,11 @@ mod tests {
         stock_text(&text, name)
     }
 
-    /// Loads `text` as the file `name` in an empty directory that also stands in for
-    /// `/etc/dbus-1`.
+    /// Loads `text` as the file `name` of an empty directory, with an empty `etc` beside it
+    /// in place of `/etc/dbus-1`.
     fn stock_text(text: &str, name: &str) -> Config {
         let dir = tempfile::tempdir().unwrap();
-        let etc = format!("{}/", dir.path().display());
+        let etc = format!("{}/etc/", dir.path().display());
         let copy = dir.path().join(name);
         fs::write(&copy, text.replace("/etc/dbus-1/", &etc)).unwrap();
         load(&copy).unwrap()
