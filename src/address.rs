@@ -39,12 +39,14 @@ fn error(msg: impl Into<String>) -> AddressError {
 }
 
 impl ListenAddress {
-    /// The default session address: `$XDG_RUNTIME_DIR/bus` when that directory exists, else a
-    /// fresh socket in `/tmp`.
+    /// The default session address: `$XDG_RUNTIME_DIR/bus`, where clients look first, when that
+    /// directory exists and no bus answers there yet. Otherwise a fresh socket in `/tmp`, as the
+    /// stock session configuration says: beside a desktop's own bus (`dbus-run-session` on a
+    /// desktop, say) dbus-daemon listens there too, and the desktop's bus is left alone.
     pub fn session_default() -> ListenAddress {
-        match runtime_dir() {
-            Some(dir) => ListenAddress::Path(dir.join("bus")),
-            None => ListenAddress::Dir(PathBuf::from("/tmp")),
+        match runtime_dir().map(|dir| dir.join("bus")) {
+            Some(path) if StdStream::connect(&path).is_err() => ListenAddress::Path(path),
+            _ => ListenAddress::Dir(PathBuf::from("/tmp")),
         }
     }
 

@@ -55,10 +55,49 @@ impl fmt::Display for UsageError {
     }
 }
 
-pub const USAGE: &str = "usage: broker [--session | --system | --config-file=FILE] [--address=ADDRESS] \
-[--print-address[=FD]] [--print-pid[=FD]] [--fork | --nofork] [--nopidfile] [--systemd-activation] \
-[--nosyslog | --syslog | --syslog-only] [--introspect] [--activation-dir=DIR]... \
-[--start-timeout-ms=MS] [--start-limit-burst=N] [--start-limit-interval-ms=MS] [--version] [--help]";
+/// Every option, as `--help` lists it: the spelling and one line on what it does.
+#[rustfmt::skip]
+pub const OPTIONS: &[(&str, &str)] = &[
+    ("--session", "run a session bus (the default): stock session configuration, $XDG_RUNTIME_DIR/bus"),
+    ("--system", "run the system bus, reading /usr/share/dbus-1/system.conf"),
+    ("--config-file=FILE", "read this dbus-daemon configuration file instead"),
+    ("--address=ADDRESS", "listen on ADDRESS (unix:path=, unix:tmpdir=, unix:dir=, unix:abstract=, unix:runtime=yes, systemd:)"),
+    ("--print-address[=FD]", "write the address the bus listens on to FD (default 1, standard output)"),
+    ("--print-pid[=FD]", "write the bus's process id to FD (default 1)"),
+    ("--fork", "run in the background once listening"),
+    ("--nofork", "stay in the foreground, whatever the configuration says"),
+    ("--nopidfile", "write no pid file, whatever the configuration says"),
+    ("--systemd-activation", "start services whose file has SystemdService= through systemd"),
+    ("--nosyslog", "log to standard error only"),
+    ("--syslog", "log to the system log and standard error"),
+    ("--syslog-only", "log to the system log only"),
+    ("--introspect", "print the bus driver's introspection XML and exit"),
+    ("--activation-dir=DIR", "also read activation files (*.toml, *.service) from DIR; repeatable"),
+    ("--start-timeout-ms=MS", "how long a started service may take to own its name"),
+    ("--start-limit-burst=N", "after N failed starts of a service within the interval, fail at once"),
+    ("--start-limit-interval-ms=MS", "the interval of --start-limit-burst (default 10000)"),
+    ("--version", "print the version and exit"),
+    ("--help", "print this help and exit"),
+];
+
+/// The text of `--help`: a usage line, then every option on a line of its own.
+pub fn help() -> String {
+    let width = OPTIONS
+        .iter()
+        .map(|(flag, _)| flag.len())
+        .max()
+        .unwrap_or(0);
+    let mut text = String::from(
+        "usage: broker [OPTION]...\nA D-Bus message bus that starts services on demand and keeps them as its children.\n\n",
+    );
+    for (flag, what) in OPTIONS {
+        text.push_str(&format!("  {flag:width$}  {what}\n"));
+    }
+    text.push_str(
+        "\nEnvironment: BROKER_LOG (a tracing filter: warn, info, debug, trace). See broker(1).\n",
+    );
+    text
+}
 
 impl Options {
     pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, UsageError> {
@@ -188,6 +227,20 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Options, UsageError> {
         Options::parse(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn every_option_that_help_lists_is_accepted() {
+        for (spelling, _) in OPTIONS {
+            let flag = spelling.split(['=', '[']).next().unwrap();
+            let arg = if spelling.contains("=") && !spelling.contains("[=") {
+                format!("{flag}=1")
+            } else {
+                flag.to_owned()
+            };
+            assert!(parse(&[&arg]).is_ok(), "{arg} is refused");
+        }
+        assert!(parse(&["-h"]).unwrap().help);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use broker::cli::{Options, USAGE};
+use broker::cli::{self, Options};
 
 /// The bus allocates and frees a few small buffers per message; mimalloc does that faster than
 /// glibc's allocator.
@@ -18,7 +18,7 @@ fn main() -> ExitCode {
         }
     };
     if opts.help {
-        println!("{USAGE}");
+        print!("{}", cli::help());
         return ExitCode::SUCCESS;
     }
     if opts.version {

@@ -4,10 +4,10 @@
 mod common;
 
 use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 
-use common::{Broker, list_names, run_client, run_client_at};
+use common::{Broker, list_names, run_client, run_client_at, tool};
 use zbus::Connection;
 use zbus::fdo::DBusProxy;
 
@@ -535,7 +535,7 @@ struct Background {
 
 impl Background {
     fn spawn(broker: &Broker, program: &str, args: &[&str]) -> Background {
-        let mut child = Command::new(program)
+        let mut child = tool(program)
             .args(args)
             .env("DBUS_SESSION_BUS_ADDRESS", broker.client_address())
             .stdin(Stdio::null())

@@ -12,12 +12,12 @@
 
 mod common;
 
-use common::example_path;
+use common::{example_path, tool};
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::path::{Component, Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -59,7 +59,7 @@ struct Bus {
 impl Bus {
     fn start() -> Bus {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut daemon = Command::new("dbus-daemon")
+        let mut daemon = tool("dbus-daemon")
             .arg("--config-file=/usr/share/dbus-1/session.conf")
             .arg("--nofork")
             .arg("--print-address=1")

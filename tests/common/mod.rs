@@ -417,9 +417,43 @@ pub fn run_client(broker: &Broker, program: &str, args: &[&str]) -> (bool, Strin
     run_client_at(&broker.client_address(), program, args)
 }
 
+/// The Debian package that brings each outside program the tests run (`tests/run` installs them).
+const TOOL_PACKAGES: &[(&str, &str)] = &[
+    ("dbus-send", "dbus-bin"),
+    ("dbus-monitor", "dbus-bin"),
+    ("gdbus", "libglib2.0-bin"),
+    ("busctl", "systemd"),
+    ("systemd-socket-activate", "systemd"),
+    ("systemd-analyze", "systemd"),
+    ("systemctl", "systemd"),
+    ("dbus-daemon", "dbus-daemon"),
+    ("dbus-run-session", "dbus-daemon"),
+    ("setpriv", "util-linux"),
+    ("/usr/bin/python3", "python3-dbus python3-gi"),
+];
+
+/// A command for an outside program, checked to exist first: a missing one fails the test
+/// with the package to install, not just "No such file or directory".
+pub fn tool(program: &str) -> Command {
+    let found = if program.contains('/') {
+        Path::new(program).is_file()
+    } else {
+        std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+    };
+    if !found {
+        let package = TOOL_PACKAGES
+            .iter()
+            .find(|(name, _)| *name == program)
+            .map_or("the package that has it", |(_, package)| package);
+        panic!("{program} is not installed: apt-get install {package} (tests/run installs it)");
+    }
+    Command::new(program)
+}
+
 /// Runs a command line client with `address` as the session bus; returns (success, stdout, stderr).
 pub fn run_client_at(address: &str, program: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(program)
+    let out = tool(program)
         .args(args)
         .env("DBUS_SESSION_BUS_ADDRESS", address)
         .stdin(Stdio::null())
