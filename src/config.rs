@@ -1084,7 +1084,9 @@ mod tests {
     /// `/etc/dbus-1` includes pointed at an empty directory, so that what other packages
     /// installed on this host (NetworkManager's `system.d` file, say) changes nothing.
     fn stock(name: &str) -> Config {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data")
+            .join(name);
         let text = fs::read_to_string(&path).unwrap();
         stock_text(&text, name)
     }

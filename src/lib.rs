@@ -12,6 +12,7 @@ pub mod driver;
 pub mod header_filter;
 pub mod logging;
 pub mod match_rule;
+pub mod notify;
 pub mod server;
 pub mod socket;
 pub mod supervisor;

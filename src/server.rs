@@ -15,7 +15,7 @@ use tokio::sync::mpsc::{self, UnboundedSender};
 
 use std::path::PathBuf;
 
-use crate::activation::{Activation, StartPolicy, watch};
+use crate::activation::{Activation, StartPolicy, StarterBus, watch};
 use crate::address::{self, ListenAddress, random_hex};
 use crate::auth::{AuthPolicy, Mechanisms};
 use crate::bus::activation::CoreEvent;
@@ -26,7 +26,7 @@ use crate::config::{self, Config};
 use crate::connection::{self, Shared};
 use crate::supervisor::{self, Supervisor};
 use crate::wire::{FrameLimits, MAX_MESSAGE_SIZE};
-use crate::{daemon, logging};
+use crate::{daemon, logging, notify};
 
 /// Runs the bus until a signal stops it. Reads the configuration, directs the log, and forks
 /// when asked to, all before the runtime starts.
@@ -92,8 +92,16 @@ async fn serve(
         .first()
         .map(|(_, bound, _)| bound.client_address(&guid))
         .ok_or("the configuration gives no address to listen on")?;
-    info!(%address, "listening");
+    // Like dbus-daemon, a bus that works says nothing on stderr (test harnesses start one per
+    // test): the address is told once, by --print-address, or else here.
+    if opts.print_address.is_some() {
+        debug!(%address, "listening");
+    } else {
+        info!(%address, "listening");
+    }
     print_startup(&opts, &address)?;
+    // Before a forking parent exits, so that the manager learns the daemon's pid first.
+    notify::ready(&address_without_guid(&address), readiness.is_some());
     if let Some(readiness) = readiness {
         readiness.signal();
         daemon::detach_stdio();
@@ -101,12 +109,13 @@ async fn serve(
 
     let (events, mut event_rx) = mpsc::unbounded_channel();
     let settings = settings_of(&config, &opts);
-    let activation = start_activation(
-        &opts,
-        &settings,
-        address_without_guid(&address),
-        events.clone(),
-    )?;
+    // Services are told the address as printed, guid and all, and the bus type of the
+    // configuration read at start, as dbus-daemon tells them.
+    let starter = StarterBus {
+        address: address.clone(),
+        bus_type: config.bus_type.clone(),
+    };
+    let activation = start_activation(&opts, &settings, starter, events.clone())?;
     let mut bus = Bus::new(guid.clone(), settings.limits.clone(), activation, events);
     bus.apply_settings(settings);
     let reload_opts = opts.clone();
@@ -139,10 +148,11 @@ async fn serve(
         tokio::select! {
             Some(event) = event_rx.recv() => handle_event(&shared, event),
             _ = hup.recv() => reload(&shared),
-            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
-            _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = term.recv() => { debug!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { debug!("SIGINT: shutting down"); break; }
         }
     }
+    notify::stopping();
     shared.bus.borrow_mut().stop_pending_starts();
     Ok(())
 }
@@ -304,7 +314,7 @@ fn print_startup(opts: &Options, address: &str) -> Result<(), String> {
 fn start_activation(
     opts: &Options,
     settings: &Settings,
-    address: String,
+    starter: StarterBus,
     events: UnboundedSender<CoreEvent>,
 ) -> Result<Activation, String> {
     supervisor::become_subreaper().map_err(|e| format!("cannot become a child subreaper: {e}"))?;
@@ -320,7 +330,6 @@ fn start_activation(
     });
     let dirs = settings.activation_dirs.clone();
     create_transient_dir(&dirs);
-    tokio::task::spawn_local(watch::watch_dirs(dirs.clone(), events));
     let mut policy = StartPolicy {
         timeout: settings.start_timeout,
         ..StartPolicy::default()
@@ -331,8 +340,9 @@ fn start_activation(
     if let Some(ms) = opts.start_limit_interval_ms {
         policy.limit_interval = Duration::from_millis(ms);
     }
-    let mut activation = Activation::new(dirs, policy, Some(supervisor), address);
+    let mut activation = Activation::new(dirs, policy, Some(supervisor), starter);
     activation.systemd = opts.systemd_activation;
+    watch::watch_dirs(activation.dirs_updates(), events);
     Ok(activation)
 }
 
@@ -371,7 +381,7 @@ fn raise_fd_limit() {
     }
 }
 
-/// The address without its `guid=`, as services are given it.
+/// The address without its `guid=`.
 fn address_without_guid(address: &str) -> String {
     address
         .split(',')

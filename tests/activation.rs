@@ -926,7 +926,8 @@ fn the_service_environment_has_the_updates_the_file_and_the_bus_but_not_the_serv
         Some("file"),
         "the file's environment comes last"
     );
-    let address = bus.broker.client_address();
+    // The address the bus printed, with its guid=, as dbus-daemon gives it.
+    let address = &bus.broker.address;
     assert_eq!(var("DBUS_STARTER_ADDRESS"), Some(address.as_str()));
     assert_eq!(var("DBUS_SESSION_BUS_ADDRESS"), Some(address.as_str()));
     assert_eq!(var("DBUS_STARTER_BUS_TYPE"), Some("session"));
@@ -1185,22 +1186,36 @@ fn a_file_added_to_a_watched_directory_becomes_activatable() {
     assert_eq!(echo(&mut c, name, "new"), Ok("new".to_owned()));
 }
 
+/// What the broker logs when its directory watch asks for a reload.
+const WATCH_RELOAD: &str = "reloading activation files: an activation directory changed";
+
 #[test]
 fn reload_config_and_sighup_reread_the_files() {
+    // Each file is a hard link to one outside the activation directory, rewritten through that
+    // other name: inotify reports the change to the outside directory only, so that only a
+    // reload request can find it.
     let files = Files::new();
-    // Created only after the broker started, so only a reload request can find its files.
-    let later = files.path("later");
-    let later_arg = format!("--activation-dir={}", later.display());
-    let bus = files.start_with(&[&later_arg], &[]);
+    let outside = files.path("outside");
+    std::fs::create_dir(&outside).expect("outside dir");
+    let echo_bin = example("echo_service");
+    let before = "org.test.reload.Before";
+    for file in ["a.toml", "b.toml"] {
+        let linked = outside.join(file);
+        write_file(
+            &linked,
+            &toml_text(before, &[&echo_bin, "--name", before], ""),
+        );
+        std::fs::hard_link(&linked, files.dir().join(file)).expect("hard link");
+    }
+    let bus = files.start();
     let mut c = bus.client();
     let mut watcher = bus.client();
     watch_activatable(&mut watcher);
-    std::fs::create_dir(&later).expect("later dir");
-    let echo_bin = example("echo_service");
+    assert!(list_activatable(&mut c).iter().any(|n| n == before));
 
     let by_reload = "org.test.reload.ByReloadConfig";
     write_file(
-        &later.join("a.toml"),
+        &outside.join("a.toml"),
         &toml_text(by_reload, &[&echo_bin, "--name", by_reload], ""),
     );
     c.driver_call("ReloadConfig", &()).expect("ReloadConfig");
@@ -1209,16 +1224,200 @@ fn reload_config_and_sighup_reread_the_files() {
 
     let by_hup = "org.test.reload.BySighup";
     write_file(
-        &later.join("b.toml"),
+        &outside.join("b.toml"),
         &toml_text(by_hup, &[&echo_bin, "--name", by_hup], ""),
     );
     kill(bus.broker.pid(), nix::sys::signal::Signal::SIGHUP);
     wait_listed(&mut c, by_hup);
     wait_activatable_changed(&mut watcher);
 
+    assert!(!list_activatable(&mut c).iter().any(|n| n == before));
     for name in [by_reload, by_hup] {
         assert_eq!(echo(&mut c, name, name), Ok(name.to_owned()));
     }
+    let log = bus.broker.log();
+    assert!(
+        !log.contains(WATCH_RELOAD),
+        "the directory watch saw the rewrites, so this test proves nothing:\n{log}"
+    );
+}
+
+/// The lines of `log` that warn about the activation directory `dir`.
+fn missing_dir_warnings(log: &str, dir: &Path) -> usize {
+    let needle = format!("activation directory {} does not exist", dir.display());
+    log.lines()
+        .filter(|line| line.contains("WARN") && line.contains(&needle))
+        .count()
+}
+
+/// Waits until the broker has warned `count` times that `dir` does not exist.
+fn wait_for_missing_dir_warnings(bus: &Bus, dir: &Path, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = bus.broker.log();
+        let seen = missing_dir_warnings(&log, dir);
+        if seen == count {
+            return;
+        }
+        assert!(
+            seen < count && Instant::now() < deadline,
+            "expected {count} warnings about {}, saw {seen}:\n{log}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_missing_activation_dir_is_warned_about_at_start_and_at_each_reload_request() {
+    let files = Files::new();
+    let missing = files.path("nonexistent/services");
+    let missing_arg = format!("--activation-dir={}", missing.display());
+    let name = "org.test.missing.Echo";
+    files.echo("echo.toml", name);
+    let bus = files.start_with(&[&missing_arg], &[]);
+    let mut c = bus.client();
+
+    // It starts and serves; one warning names the directory, none the standard directories
+    // (XDG_DATA_HOME's and XDG_DATA_DIRS's dbus-1/services do not exist here either).
+    assert_eq!(echo(&mut c, name, "served"), Ok("served".to_owned()));
+    let log = bus.broker.log();
+    assert_eq!(missing_dir_warnings(&log, &missing), 1, "{log}");
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("WARN") && l.contains("dbus-1/services")),
+        "a standard directory was warned about:\n{log}"
+    );
+
+    // A reload by the directory watch does not repeat it.
+    let added = "org.test.missing.Added";
+    bus.files.echo("added.toml", added);
+    wait_listed(&mut c, added);
+    bus.broker.wait_for_log(WATCH_RELOAD);
+    assert_eq!(missing_dir_warnings(&bus.broker.log(), &missing), 1);
+
+    // Each reload request does.
+    kill(bus.broker.pid(), nix::sys::signal::Signal::SIGHUP);
+    wait_for_missing_dir_warnings(&bus, &missing, 2);
+    c.driver_call("ReloadConfig", &()).expect("ReloadConfig");
+    assert_eq!(missing_dir_warnings(&bus.broker.log(), &missing), 3);
+    assert_eq!(echo(&mut c, added, "still"), Ok("still".to_owned()));
+}
+
+#[test]
+fn a_service_directory_created_after_start_is_watched_and_its_files_picked_up() {
+    let files = Files::new();
+    let root = files.path("late");
+    std::fs::create_dir(&root).expect("root");
+    let late = root.join("a/b/services");
+    let late_arg = format!("--activation-dir={}", late.display());
+    let bus = files.start_with(&[&late_arg], &[]);
+    let mut c = bus.client();
+    let mut watcher = bus.client();
+    watch_activatable(&mut watcher);
+    let name = "org.test.late.Echo";
+    assert!(!list_activatable(&mut c).iter().any(|n| n == name));
+
+    // Three levels at once, and the file right after: the watch must move down through all of
+    // them, and read what was written before it reached the last one.
+    std::fs::create_dir_all(&late).expect("mkdir -p");
+    write_file(
+        &late.join("late.toml"),
+        &toml_text(name, &[&example("echo_service"), "--name", name], ""),
+    );
+
+    wait_listed(&mut c, name);
+    wait_activatable_changed(&mut watcher);
+    assert_eq!(echo(&mut c, name, "late"), Ok("late".to_owned()));
+    assert_eq!(bus.spawned(name).len(), 1);
+}
+
+/// Polls `ListActivatableNames` until it no longer includes `name`, failing after ten seconds.
+fn wait_unlisted(c: &mut RawClient, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while list_activatable(c).iter().any(|n| n == name) {
+        assert!(Instant::now() < deadline, "{name} stayed activatable");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_watched_directory_removed_and_created_again_still_gets_its_files_picked_up() {
+    let files = Files::new();
+    let first = "org.test.recreated.First";
+    files.echo("first.toml", first);
+    let bus = files.start();
+    let mut c = bus.client();
+    let dir = bus.files.dir();
+    assert!(list_activatable(&mut c).iter().any(|n| n == first));
+
+    // Removed: its names go; created again: its new files come.
+    std::fs::remove_dir_all(&dir).expect("remove the directory");
+    wait_unlisted(&mut c, first);
+    std::fs::create_dir(&dir).expect("create it again");
+    let second = "org.test.recreated.Second";
+    bus.files.echo("second.toml", second);
+    wait_listed(&mut c, second);
+    assert_eq!(echo(&mut c, second, "again"), Ok("again".to_owned()));
+
+    // Removed and created again at once, before the broker can look.
+    std::fs::remove_dir_all(&dir).expect("remove the directory");
+    std::fs::create_dir(&dir).expect("create it again");
+    let third = "org.test.recreated.Third";
+    bus.files.echo("third.toml", third);
+    wait_listed(&mut c, third);
+    wait_unlisted(&mut c, second);
+    assert_eq!(echo(&mut c, third, "at once"), Ok("at once".to_owned()));
+
+    // Moved away and created again: the moved directory is no longer read.
+    std::fs::rename(&dir, bus.files.path("moved")).expect("move the directory away");
+    std::fs::create_dir(&dir).expect("create it again");
+    let fourth = "org.test.recreated.Fourth";
+    bus.files.echo("fourth.toml", fourth);
+    wait_listed(&mut c, fourth);
+    wait_unlisted(&mut c, third);
+}
+
+#[test]
+fn the_watch_follows_the_service_directories_of_a_reloaded_configuration() {
+    // Relative service directories are taken from the configuration file's directory.
+    let config_with = |servicedirs: &[&str]| {
+        let elements: Vec<String> = servicedirs
+            .iter()
+            .map(|dir| format!("<servicedir>{dir}</servicedir>"))
+            .collect();
+        common::open_config(&elements.concat())
+    };
+    let broker = Broker::start_with_config_files(&config_with(&["one"]), &[("one/keep", "")], &[]);
+    let (one, two) = (broker.dir.path().join("one"), broker.dir.path().join("two"));
+    std::fs::create_dir(&two).expect("two");
+    let config = broker.config_file();
+    let mut c = RawClient::connect(&broker.socket);
+    let echo_bin = example("echo_service");
+
+    std::fs::write(&config, config_with(&["two", "absent"])).expect("rewrite the configuration");
+    c.driver_call("ReloadConfig", &()).expect("ReloadConfig");
+    // A `<servicedir>` that is not there is named as `--activation-dir` is.
+    let absent = broker.dir.path().join("absent");
+    let log = broker.log();
+    assert_eq!(missing_dir_warnings(&log, &absent), 1, "{log}");
+    // Written after the reload read the new directory: only its watch can find it.
+    let name = "org.test.followed.Echo";
+    write_file(
+        &two.join("echo.toml"),
+        &toml_text(name, &[&echo_bin, "--name", name], ""),
+    );
+    wait_listed(&mut c, name);
+    assert_eq!(echo(&mut c, name, "followed"), Ok("followed".to_owned()));
+
+    // The old directory is no longer read, watched or not.
+    let old = "org.test.followed.Old";
+    write_file(
+        &one.join("old.toml"),
+        &toml_text(old, &[&echo_bin, "--name", old], ""),
+    );
+    c.driver_call("ReloadConfig", &()).expect("ReloadConfig");
+    assert!(!list_activatable(&mut c).iter().any(|n| n == old));
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -1595,4 +1596,118 @@ fn a_connections_first_refusal_is_logged_at_info_and_the_rest_at_debug() {
     };
     assert_eq!(refusals(" INFO "), 1, "{log}");
     assert_eq!(refusals(" DEBUG "), 2, "{log}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The environment of started services, by the bus's <type>
+
+/// The name of the service that writes its environment to a file and exits 1.
+const ENV_DUMP: &str = "org.example.EnvDump";
+
+/// A bus whose configuration says `<type>bus_type</type>` (none: no `<type>` at all), with the
+/// `ENV_DUMP` service, which writes its environment to `env` in the returned directory.
+fn env_dump_bus(bus_type: Option<&str>) -> (Broker, tempfile::TempDir) {
+    let scratch = tempfile::tempdir().unwrap();
+    let script = scratch.path().join("dump-env.sh");
+    std::fs::write(&script, "env -0 > \"$1\"\nexit 1\n").unwrap();
+    let exec = format!(
+        "/bin/sh {} {}",
+        script.display(),
+        scratch.path().join("env").display()
+    );
+    let service = service_file(ENV_DUMP, &exec, "");
+    let broker = Broker::start_with_config_files(
+        &config_of_type(bus_type),
+        &[(&format!("services/{ENV_DUMP}.service"), &service)],
+        &[],
+    );
+    (broker, scratch)
+}
+
+/// A configuration that allows everything, reads `services/`, and says `<type>bus_type</type>`.
+fn config_of_type(bus_type: Option<&str>) -> String {
+    let declared = bus_type.map_or(String::new(), |t| format!("<type>{t}</type>"));
+    with_services("").replace("<type>session</type>", &declared)
+}
+
+/// Starts `ENV_DUMP` and returns the environment it was started with.
+fn started_environment(broker: &Broker, scratch: &Path) -> HashMap<String, String> {
+    let out = scratch.join("env");
+    let _ = std::fs::remove_file(&out);
+    let mut client = RawClient::connect(&broker.socket);
+    let err = client
+        .driver_call("StartServiceByName", &(ENV_DUMP, 0u32))
+        .unwrap_err();
+    assert_eq!(
+        error_name(&err),
+        "org.freedesktop.DBus.Error.Spawn.ChildExited",
+        "{}",
+        error_text(&err)
+    );
+    let text = std::fs::read(&out).expect("the service wrote its environment");
+    text.split(|b| *b == 0)
+        .filter_map(|entry| {
+            let (k, v) = std::str::from_utf8(entry).ok()?.split_once('=')?;
+            Some((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+/// Asserts that the bus left `key` as the broker inherited it (from this test process).
+fn inherited(env: &HashMap<String, String>, key: &str) {
+    assert_eq!(
+        env.get(key),
+        std::env::var(key).ok().as_ref(),
+        "{key} was changed by the bus"
+    );
+}
+
+#[test]
+fn a_system_bus_starts_services_with_the_system_bus_environment_even_after_a_reload() {
+    let (broker, scratch) = env_dump_bus(Some("system"));
+    let address = broker.address.clone();
+    assert!(address.contains(",guid="), "{address}");
+    let check = |env: &HashMap<String, String>| {
+        assert_eq!(env.get("DBUS_STARTER_BUS_TYPE"), Some(&"system".into()));
+        assert_eq!(env.get("DBUS_STARTER_ADDRESS"), Some(&address));
+        assert_eq!(env.get("DBUS_SYSTEM_BUS_ADDRESS"), Some(&address));
+        assert_ne!(env.get("DBUS_SESSION_BUS_ADDRESS"), Some(&address));
+        inherited(env, "DBUS_SESSION_BUS_ADDRESS");
+    };
+    check(&started_environment(&broker, scratch.path()));
+
+    // As with dbus-daemon, the type is read once: a reload that changes it changes nothing.
+    std::fs::write(broker.config_file(), config_of_type(Some("session"))).unwrap();
+    let mut client = RawClient::connect(&broker.socket);
+    reload_config(&mut client).expect("ReloadConfig");
+    check(&started_environment(&broker, scratch.path()));
+}
+
+#[test]
+fn a_session_bus_starts_services_with_the_session_bus_environment() {
+    let (broker, scratch) = env_dump_bus(Some("session"));
+    let env = started_environment(&broker, scratch.path());
+    let address = &broker.address;
+    assert!(address.contains(",guid="), "{address}");
+    assert_eq!(env.get("DBUS_STARTER_BUS_TYPE"), Some(&"session".into()));
+    assert_eq!(env.get("DBUS_STARTER_ADDRESS"), Some(address));
+    assert_eq!(env.get("DBUS_SESSION_BUS_ADDRESS"), Some(address));
+    inherited(&env, "DBUS_SYSTEM_BUS_ADDRESS");
+}
+
+#[test]
+fn a_bus_of_another_type_or_none_sets_only_the_starter_variables() {
+    let (broker, scratch) = env_dump_bus(Some("custom"));
+    let env = started_environment(&broker, scratch.path());
+    assert_eq!(env.get("DBUS_STARTER_BUS_TYPE"), Some(&"custom".into()));
+    assert_eq!(env.get("DBUS_STARTER_ADDRESS"), Some(&broker.address));
+    inherited(&env, "DBUS_SESSION_BUS_ADDRESS");
+    inherited(&env, "DBUS_SYSTEM_BUS_ADDRESS");
+
+    let (broker, scratch) = env_dump_bus(None);
+    let env = started_environment(&broker, scratch.path());
+    assert_eq!(env.get("DBUS_STARTER_ADDRESS"), Some(&broker.address));
+    inherited(&env, "DBUS_STARTER_BUS_TYPE");
+    inherited(&env, "DBUS_SESSION_BUS_ADDRESS");
+    inherited(&env, "DBUS_SYSTEM_BUS_ADDRESS");
 }

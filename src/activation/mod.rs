@@ -10,7 +10,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::{debug, warn};
 use zbus::Message;
 
 use crate::bus::PeerId;
@@ -27,6 +27,35 @@ const DROPPED_VARIABLES: &[&str] = &[
     "JOURNAL_STREAM",
     "INVOCATION_ID",
 ];
+
+/// What a started service is told about the bus that starts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StarterBus {
+    /// The bus's address with its `guid=`, as dbus-daemon gives it.
+    pub address: String,
+    /// The configuration's `<type>` at start (`session`, `system`, another name, or none). Like
+    /// dbus-daemon's, it is read once: a reload that changes it takes effect at the next start.
+    pub bus_type: Option<String>,
+}
+
+impl StarterBus {
+    /// The variables dbus-daemon sets for its services: `DBUS_STARTER_ADDRESS` always;
+    /// `DBUS_STARTER_BUS_TYPE` when the bus has a type; and for a session or system bus, the
+    /// variable where clients look for that bus, so that a service connecting to "the session
+    /// bus" or "the system bus" reaches the bus that started it.
+    pub fn variables(&self) -> Vec<(&'static str, &str)> {
+        let mut vars = vec![("DBUS_STARTER_ADDRESS", self.address.as_str())];
+        if let Some(bus_type) = &self.bus_type {
+            vars.push(("DBUS_STARTER_BUS_TYPE", bus_type));
+            match bus_type.as_str() {
+                "session" => vars.push(("DBUS_SESSION_BUS_ADDRESS", &self.address)),
+                "system" => vars.push(("DBUS_SYSTEM_BUS_ADDRESS", &self.address)),
+                _ => {}
+            }
+        }
+        vars
+    }
+}
 
 /// How starts are timed and limited.
 #[derive(Debug, Clone)]
@@ -147,6 +176,8 @@ impl StartFailure {
 /// All activation state of the bus.
 pub struct Activation {
     dirs: Vec<PathBuf>,
+    /// Tells the directory watcher where the files are read from, as reloads change it.
+    dirs_updates: tokio::sync::watch::Sender<Vec<PathBuf>>,
     services: BTreeMap<String, ServiceFile>,
     pub pending: HashMap<String, Pending>,
     failures: HashMap<String, VecDeque<Instant>>,
@@ -154,8 +185,8 @@ pub struct Activation {
     env_updates: BTreeMap<String, String>,
     pub policy: StartPolicy,
     supervisor: Option<Supervisor>,
-    /// The address services are told to connect to.
-    starter_address: String,
+    /// Where services are told the bus is.
+    starter: StarterBus,
     /// `--systemd-activation`: services with `SystemdService=` are started by systemd.
     pub systemd: bool,
     next_generation: u64,
@@ -168,9 +199,10 @@ impl Activation {
         dirs: Vec<PathBuf>,
         policy: StartPolicy,
         supervisor: Option<Supervisor>,
-        starter_address: String,
+        starter: StarterBus,
     ) -> Activation {
         Activation {
+            dirs_updates: tokio::sync::watch::Sender::new(dirs.clone()),
             dirs,
             services: BTreeMap::new(),
             pending: HashMap::new(),
@@ -178,7 +210,7 @@ impl Activation {
             env_updates: BTreeMap::new(),
             policy,
             supervisor,
-            starter_address,
+            starter,
             systemd: false,
             next_generation: 1,
         }
@@ -186,7 +218,15 @@ impl Activation {
 
     /// Changes where activation files are read from (the next [`Activation::reload`] reads them).
     pub fn set_dirs(&mut self, dirs: Vec<PathBuf>) {
+        if dirs != self.dirs {
+            self.dirs_updates.send_replace(dirs.clone());
+        }
         self.dirs = dirs;
+    }
+
+    /// The activation directories, now and after each change (for the directory watcher).
+    pub fn dirs_updates(&self) -> tokio::sync::watch::Receiver<Vec<PathBuf>> {
+        self.dirs_updates.subscribe()
     }
 
     pub fn dirs(&self) -> &[PathBuf] {
@@ -201,7 +241,7 @@ impl Activation {
             warn!("skipping activation file {warning}");
         }
         let changed = !loaded.services.keys().eq(self.services.keys());
-        info!(services = loaded.services.len(), dirs = ?self.dirs, "activation files loaded");
+        debug!(services = loaded.services.len(), dirs = ?self.dirs, "activation files loaded");
         self.services = loaded.services;
         changed
     }
@@ -320,7 +360,8 @@ impl Activation {
     }
 
     /// The environment of a started service: the broker's own, minus its service manager's
-    /// variables, plus `UpdateActivationEnvironment`, plus the file's, plus where the bus is.
+    /// variables, plus `UpdateActivationEnvironment`, plus the file's, plus where the bus is
+    /// (which, as with dbus-daemon, no update overrides).
     fn environment(&self, service: &ServiceFile) -> Vec<(OsString, OsString)> {
         let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
             .filter(|(k, _)| !DROPPED_VARIABLES.iter().any(|d| k == d))
@@ -330,15 +371,58 @@ impl Activation {
             .iter()
             .chain(service.environment.iter().map(|(k, v)| (k, v)));
         env.extend(added.map(|(k, v)| (k.into(), v.into())));
-        env.insert(
-            "DBUS_STARTER_ADDRESS".into(),
-            self.starter_address.clone().into(),
-        );
-        env.insert("DBUS_STARTER_BUS_TYPE".into(), "session".into());
-        env.insert(
-            "DBUS_SESSION_BUS_ADDRESS".into(),
-            self.starter_address.clone().into(),
+        env.extend(
+            self.starter
+                .variables()
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into())),
         );
         env.into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StarterBus;
+
+    fn variables(bus_type: Option<&str>) -> Vec<(&'static str, String)> {
+        let starter = StarterBus {
+            address: "unix:path=/b,guid=00ff".into(),
+            bus_type: bus_type.map(Into::into),
+        };
+        starter
+            .variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn each_bus_type_sets_what_dbus_daemon_sets() {
+        let address = || "unix:path=/b,guid=00ff".to_owned();
+        assert_eq!(
+            variables(Some("session")),
+            [
+                ("DBUS_STARTER_ADDRESS", address()),
+                ("DBUS_STARTER_BUS_TYPE", "session".into()),
+                ("DBUS_SESSION_BUS_ADDRESS", address()),
+            ]
+        );
+        assert_eq!(
+            variables(Some("system")),
+            [
+                ("DBUS_STARTER_ADDRESS", address()),
+                ("DBUS_STARTER_BUS_TYPE", "system".into()),
+                ("DBUS_SYSTEM_BUS_ADDRESS", address()),
+            ]
+        );
+        assert_eq!(
+            variables(Some("custom")),
+            [
+                ("DBUS_STARTER_ADDRESS", address()),
+                ("DBUS_STARTER_BUS_TYPE", "custom".into()),
+            ]
+        );
+        assert_eq!(variables(None), [("DBUS_STARTER_ADDRESS", address())]);
     }
 }

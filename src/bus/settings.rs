@@ -2,13 +2,14 @@
 //! `ReloadConfig`/SIGHUP, which read the configuration again and apply it, or keep the old one
 //! when the file is bad.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tracing::{info, warn};
 
 use super::{Bus, Limits, driver_signal};
-use crate::config::Policy;
+use crate::activation::files;
+use crate::config::{Policy, SYSTEM_SERVICEDIRS};
 
 /// The reloadable part of a configuration, as the core uses it.
 #[derive(Debug, Clone)]
@@ -30,6 +31,7 @@ impl Bus {
         self.policy = Some(settings.policy);
         self.limits = settings.limits;
         self.activation.policy.timeout = settings.start_timeout;
+        warn_missing_dirs(&settings.activation_dirs);
         self.activation.set_dirs(settings.activation_dirs);
         self.activation.reload()
     }
@@ -52,5 +54,27 @@ impl Bus {
             }
         }
         Ok(())
+    }
+}
+
+/// Warns, once per start or reload request, about each activation directory the user named
+/// (`--activation-dir`, `<servicedir>`) that is not there: a typo would otherwise go unnoticed.
+/// The standard directories are left out, since they often do not exist. The bus starts anyway,
+/// and watches for the directory to appear.
+fn warn_missing_dirs(dirs: &[PathBuf]) {
+    let session = files::session_dirs(|key| std::env::var(key).ok());
+    let standard = |dir: &Path| {
+        session.iter().any(|s| s == dir) || SYSTEM_SERVICEDIRS.iter().any(|s| Path::new(s) == dir)
+    };
+    for dir in dirs.iter().filter(|dir| !standard(dir)) {
+        match std::fs::metadata(dir) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => warn!("activation directory {} is not a directory", dir.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => warn!(
+                "activation directory {} does not exist (it is watched, and read once it appears)",
+                dir.display()
+            ),
+            Err(e) => warn!("cannot read activation directory {}: {e}", dir.display()),
+        }
     }
 }
