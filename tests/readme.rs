@@ -118,3 +118,37 @@ fn wait_until_it_answers(address: &str) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// `cargo tree`'s packages and their features, one `name version features` line each.
+fn package_features(extra: &[&str]) -> std::collections::BTreeMap<String, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["tree", "--offline", "-p", "broker", "--prefix", "none"])
+        .args(["-f", "{p}|{f}"])
+        .args(extra)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo tree");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| line.trim_end_matches(" (*)"))
+        .filter_map(|line| line.split_once('|'))
+        .map(|(package, features)| (package.to_owned(), features.to_owned()))
+        .collect()
+}
+
+#[test]
+fn the_run_command_builds_no_dependency_again_after_the_examples() {
+    // `cargo build --examples` resolves features with the dev-dependencies, `cargo run` without:
+    // every package both use must get the same features, or `cargo run` rebuilds it.
+    let without_dev = package_features(&["-e", "no-dev"]);
+    let with_dev = package_features(&[]);
+    for (package, features) in &without_dev {
+        assert_eq!(
+            with_dev.get(package),
+            Some(features),
+            "{package} is built with other features for the examples"
+        );
+    }
+}
