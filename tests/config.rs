@@ -10,7 +10,9 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{ALLOW_ALL, Broker, RawClient, bus_config as config, error_name, member_of};
+use common::{
+    ALLOW_ALL, Broker, RawClient, bus_config as config, error_name, member_of, wait_within,
+};
 use zbus::Message;
 use zbus::message::Type;
 
@@ -1119,21 +1121,12 @@ fn start_must_fail(config: &str, files: &[(&str, &str)]) -> (Option<i32>, String
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "the broker started on a malformed file:\n{config}\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_within(&mut child, Duration::from_secs(10)).unwrap_or_else(|| {
+        panic!(
+            "the broker started on a malformed file:\n{config}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
     let stderr = std::fs::read_to_string(&log).unwrap();
     (status.code(), stderr, file.display().to_string())
 }

@@ -7,9 +7,9 @@ mod common;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Broker, RawClient, open_config, tool};
+use common::{Broker, RawClient, open_config, tool, wait_within};
 
 /// The value of `field` (`Uid`, `PPid`, …) in /proc/PID/status.
 fn proc_status(pid: u32, field: &str) -> String {
@@ -622,18 +622,8 @@ fn run_within_30s(mut cmd: Command) -> Output {
         .stderr(std::fs::File::create(&err).unwrap())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} did not finish within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_within(&mut child, Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("{cmd:?} did not finish within 30 s"));
     Output {
         status,
         stdout: std::fs::read(&out).unwrap(),

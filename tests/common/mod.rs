@@ -417,6 +417,23 @@ pub fn run_client(broker: &Broker, program: &str, args: &[&str]) -> (bool, Strin
     run_client_at(&broker.client_address(), program, args)
 }
 
+/// Waits at most `limit` for `child` to exit; one still running then is killed, and `None` is
+/// returned.
+pub fn wait_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The Debian package that brings each outside program the tests run (`tests/run` installs them).
 const TOOL_PACKAGES: &[(&str, &str)] = &[
     ("dbus-send", "dbus-bin"),
