@@ -36,6 +36,38 @@ fn with_timeouts(stream: UnixStream) -> Result<UnixStream> {
     Ok(stream)
 }
 
+/// Like `connect_socket`, but nothing waits longer than `timeout`: a bus
+/// that leaves us in its listen backlog makes a blocking unix `connect`
+/// wait for ever, and `SO_SNDTIMEO` is what bounds it. The flood runner
+/// opens thousands of sockets to buses that may stop accepting.
+pub fn connect_within(address: &str, timeout: Duration) -> Result<UnixStream> {
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr, sockopt};
+    use std::os::fd::AsRawFd;
+    let addr = socket_addr(address)?;
+    let addr = match (addr.as_pathname(), addr.as_abstract_name()) {
+        (Some(path), _) => UnixAddr::new(path)?,
+        (None, Some(name)) => UnixAddr::new_abstract(name)?,
+        (None, None) => bail!("unnamed socket address in {address:?}"),
+    };
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("socket() failed")?;
+    let tv = nix::sys::time::TimeVal::new(
+        timeout.as_secs().try_into().unwrap_or(i64::MAX),
+        timeout.subsec_micros().into(),
+    );
+    socket::setsockopt(&fd, sockopt::SendTimeout, &tv).context("SO_SNDTIMEO")?;
+    socket::connect(fd.as_raw_fd(), &addr)
+        .with_context(|| format!("cannot connect to {address}"))?;
+    let stream = UnixStream::from(fd);
+    stream.set_read_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
 fn socket_addr(address: &str) -> Result<SocketAddr> {
     for entry in address.split(';') {
         let Some(params) = entry.trim().strip_prefix("unix:") else {
@@ -70,6 +102,14 @@ fn unescape(value: &str) -> Result<String> {
         }
     }
     String::from_utf8(out).context("address value is not UTF-8")
+}
+
+/// The opening of a client's SASL exchange: the NUL byte and `AUTH
+/// EXTERNAL` with our uid.
+pub fn auth_external() -> String {
+    let uid = nix::unistd::getuid().as_raw().to_string();
+    let hex: String = uid.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("\0AUTH EXTERNAL {hex}\r\n")
 }
 
 /// A receive buffer that hands out whole messages (or SASL lines).
@@ -191,7 +231,18 @@ impl Conn {
     /// Connects to a bus, authenticates and sends `Hello` (pipelined with
     /// `BEGIN`), and waits for the unique name.
     pub fn bus(address: &str) -> Result<Self> {
-        let mut conn = Self::new(connect_socket(address)?);
+        Self::hello(connect_socket(address)?)
+    }
+
+    /// `bus`, where connecting, authenticating and `Hello` each wait at most
+    /// `timeout` (and so does every later read or write).
+    pub fn bus_within(address: &str, timeout: Duration) -> Result<Self> {
+        Self::hello(connect_within(address, timeout)?)
+    }
+
+    /// Authenticates on a connected socket and says `Hello`.
+    fn hello(stream: UnixStream) -> Result<Self> {
+        let mut conn = Self::new(stream);
         conn.authenticate()?;
         let mut out = b"BEGIN\r\n".to_vec();
         let serial = conn.push_bus_call(&mut out, "Hello", &Body::default());
@@ -254,9 +305,7 @@ impl Conn {
 
     /// Client side of SASL EXTERNAL up to (not including) `BEGIN`.
     fn authenticate(&mut self) -> Result<()> {
-        let uid = nix::unistd::getuid().as_raw().to_string();
-        let hex: String = uid.bytes().map(|b| format!("{b:02x}")).collect();
-        self.write(format!("\0AUTH EXTERNAL {hex}\r\n").as_bytes())?;
+        self.write(auth_external().as_bytes())?;
         let answer = self.inbox.read_line(&self.stream)?;
         ensure!(
             answer.starts_with("OK "),

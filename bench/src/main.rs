@@ -35,6 +35,14 @@ Workloads (each prints `result NAME VALUE` lines):
   activation --address ADDR --name NAME [--rounds 20]    -> p50_ms
   memory     --address ADDR --bus-pid PID [--conns 10000] [--settle-ms 1000]
                                                 -> idle_kib loaded_kib bytes_per_conn
+
+Flood and soak runner (bench/flood.sh; figures and sentences, no judgement):
+  flood      --address ADDR --bus-pid PID --kind silent|auth|soak|unread|matches|names
+             [--count 5000] [--hold-s 5] [--after-s 15] [--budget-s 300]
+             -> rss_{before,peak,after}_kib fds_{before,peak,after}
+                bystander_worst_ms newclient_ms outcome ...
+  wait-bus   --address ADDR [--timeout-s 10]     returns once Hello works
+  journal-sink PATH                              fake journal for dbus-broker
 ";
 
 fn main() {
@@ -49,6 +57,10 @@ fn run() -> Result<()> {
     let Some(mode) = argv.next() else {
         bail!("no mode given\n{USAGE}");
     };
+    if mode == "journal-sink" {
+        let path = argv.next().context("journal-sink needs a PATH")?;
+        return workloads::flood::journal_sink(&path);
+    }
     if mode == "trivial-service" {
         let name = argv.next().context("trivial-service needs a NAME")?;
         return peers::trivial_service(&name);
@@ -64,6 +76,8 @@ fn run() -> Result<()> {
         "churn" => workloads::churn::run(&opts),
         "activation" => workloads::activation::run(&opts),
         "memory" => workloads::memory::run(&opts),
+        "flood" => workloads::flood::run(&opts),
+        "wait-bus" => workloads::flood::wait_bus(&opts),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(())
@@ -83,7 +97,8 @@ fn echo_peer(opts: &Options) -> Result<()> {
     peers::echo_on_bus(address, name)
 }
 
-/// The memory workload holds 10,000 sockets: lift the soft limit to the hard one.
+/// The memory workload and the floods hold thousands of sockets: lift the
+/// soft limit to the hard one.
 fn raise_fd_limit() -> Result<()> {
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit")?;
     if soft < hard {

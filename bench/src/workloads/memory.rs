@@ -37,7 +37,7 @@ pub fn run(opts: &Options) -> Result<()> {
 }
 
 /// The `VmRSS` line of `/proc/PID/status`, in KiB.
-fn vm_rss_kib(pid: u32) -> Result<u64> {
+pub fn vm_rss_kib(pid: u32) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
     parse_vm_rss(&status).with_context(|| format!("no VmRSS in {path}"))

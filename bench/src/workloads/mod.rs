@@ -4,6 +4,7 @@
 pub mod activation;
 pub mod broadcast;
 pub mod churn;
+pub mod flood;
 pub mod memory;
 pub mod roundtrip;
 pub mod throughput;
