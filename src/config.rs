@@ -181,6 +181,20 @@ impl std::error::Error for ConfigError {}
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let mut loader = Loader::default();
     loader.load_file(path)?;
+    with_listen(loader, path)
+}
+
+/// Parses `text` as the configuration file `path` would be read by [`load`] (the file need not
+/// exist; includes resolve against its directory). The fuzzing harness (tests/fuzz.rs) feeds it
+/// mutated files this way, without writing each one to disk.
+pub fn load_text(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let mut loader = Loader::default();
+    loader.load_text(text, path)?;
+    with_listen(loader, path)
+}
+
+/// The configuration `loader` read from `path`, if it says where to listen.
+fn with_listen(loader: Loader, path: &Path) -> Result<Config, ConfigError> {
     if loader.config.listen.is_empty() {
         return Err(ConfigError {
             path: path.to_owned(),

@@ -16,6 +16,8 @@ use zbus::wire::{Endian, Signature};
 
 /// The largest message the specification allows (128 MiB).
 pub const MAX_MESSAGE_SIZE: usize = 1 << 27;
+/// The longest array the specification allows (64 MiB), the header-field array included.
+pub const MAX_ARRAY_LEN: usize = 1 << 26;
 /// The fixed part of the header plus the length of the header-field array.
 const FIXED_HEADER: usize = 16;
 /// How many bytes one read takes at most.
@@ -63,8 +65,15 @@ fn frame_len(head: &[u8], max_size: usize) -> Result<usize, WireError> {
     };
     let body = u32_at(4) as usize;
     let fields = u32_at(12) as usize;
+    // Refused as soon as the fixed header is in: waiting for the bytes of a header that can never
+    // be valid would hold the connection (and its buffer) for nothing.
+    if fields > MAX_ARRAY_LEN {
+        return Err(invalid(format!(
+            "header field array of {fields} bytes exceeds the maximum of {MAX_ARRAY_LEN}"
+        )));
+    }
     // Each length alone is at most 2^27, so the sum cannot overflow.
-    if body > MAX_MESSAGE_SIZE || fields > MAX_MESSAGE_SIZE {
+    if body > MAX_MESSAGE_SIZE {
         return Err(invalid("message length exceeds the maximum"));
     }
     let total = (FIXED_HEADER + fields).next_multiple_of(8) + body;
@@ -759,6 +768,100 @@ mod tests {
             .take_messages(&big, &limits(), &mut Vec::new())
             .unwrap_err();
         assert!(err.to_string().contains("exceeds"), "{err}");
+    }
+
+    /// A little-endian fixed header of a method call whose header-field array is `fields` long.
+    fn fixed_header(fields: u32) -> Vec<u8> {
+        let mut head = vec![b'l', 1, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0];
+        head.extend_from_slice(&fields.to_le_bytes());
+        head
+    }
+
+    #[test]
+    fn refuses_a_header_field_array_over_the_maximum_from_the_fixed_header_alone() {
+        let over = fixed_header(MAX_ARRAY_LEN as u32 + 8);
+        let err = reader()
+            .take_messages(&over, &limits(), &mut Vec::new())
+            .unwrap_err();
+        assert!(err.to_string().contains("header field array"), "{err}");
+
+        // The same when the fixed header comes in two pieces.
+        let mut split = reader();
+        split
+            .take_messages(&over[..10], &limits(), &mut Vec::new())
+            .unwrap();
+        let err = split
+            .take_messages(&over[10..], &limits(), &mut Vec::new())
+            .unwrap_err();
+        assert!(err.to_string().contains("header field array"), "{err}");
+
+        // At the maximum itself the reader waits for the rest.
+        let mut at_max = reader();
+        let mut out = Vec::new();
+        at_max
+            .take_messages(&fixed_header(MAX_ARRAY_LEN as u32), &limits(), &mut out)
+            .unwrap();
+        assert!(out.is_empty());
+        assert_eq!(at_max.partial.len(), FIXED_HEADER);
+    }
+
+    #[test]
+    fn refuses_a_body_array_declared_over_the_maximum() {
+        // An `ay` that claims 2^26 + 8 bytes and brings 8: the validator refuses the length
+        // itself (excess data), not only the bytes that are missing.
+        let mut body = (MAX_ARRAY_LEN as u32 + 8).to_le_bytes().to_vec();
+        body.extend_from_slice(&[7; 8]);
+        let over = raw_call("ay", &body, Vec::new(), Endian::Little);
+        let err = reader()
+            .take_messages(over.data().bytes(), &limits(), &mut Vec::new())
+            .unwrap_err();
+        assert!(err.to_string().contains("bad body"), "{err}");
+        assert!(err.to_string().contains("xcess"), "{err}");
+
+        // Nested in a struct inside a variant, the same.
+        let mut body = vec![2, b'a', b'y', 0];
+        body.extend_from_slice(&(MAX_ARRAY_LEN as u32 + 8).to_le_bytes());
+        body.extend_from_slice(&[7; 8]);
+        let nested = raw_call("v", &body, Vec::new(), Endian::Little);
+        let err = reader()
+            .take_messages(nested.data().bytes(), &limits(), &mut Vec::new())
+            .unwrap_err();
+        assert!(err.to_string().contains("xcess"), "{err}");
+    }
+
+    #[test]
+    fn refuses_a_message_that_its_sender_field_takes_past_the_maximum() {
+        // A call of signature "ayay" whose two arrays make the whole message 8 bytes short of
+        // 2^27: within the limit as sent, 8 bytes past it once the bus adds ":1.7" as SENDER,
+        // which its receivers would refuse (libdbus drops the connection). zbus's `with_sender`
+        // refuses to grow a message past 2^27; this pins that down.
+        let small = raw_call("ayay", &[0; 8], Vec::new(), Endian::Little);
+        let head_len = small.data().len() - 8;
+        let second = (MAX_MESSAGE_SIZE - 8 - head_len - 8 - MAX_ARRAY_LEN) as u32;
+        let mut bytes = small.data().bytes()[..head_len].to_vec();
+        bytes.reserve_exact(MAX_MESSAGE_SIZE - head_len);
+        bytes.extend_from_slice(&(MAX_ARRAY_LEN as u32).to_le_bytes());
+        bytes.resize(bytes.len() + MAX_ARRAY_LEN, 0);
+        bytes.extend_from_slice(&second.to_le_bytes());
+        bytes.resize(MAX_MESSAGE_SIZE - 8, 0);
+        let body_len = (bytes.len() - head_len) as u32;
+        bytes[4..8].copy_from_slice(&body_len.to_le_bytes());
+        assert_eq!(frame_len(&bytes, MAX_MESSAGE_SIZE).unwrap(), bytes.len());
+
+        let err = reader()
+            .take_messages(&bytes, &limits(), &mut Vec::new())
+            .unwrap_err();
+        assert!(err.to_string().contains("cannot stamp the sender"), "{err}");
+
+        // Eight bytes fewer in the second array and, stamped, it is 2^27 exactly.
+        let fits = bytes.len() - 8;
+        bytes.truncate(fits);
+        let at = head_len + 4 + MAX_ARRAY_LEN;
+        bytes[at..at + 4].copy_from_slice(&(second - 8).to_le_bytes());
+        bytes[4..8].copy_from_slice(&((fits - head_len) as u32).to_le_bytes());
+        let mut out = Vec::new();
+        reader().take_messages(&bytes, &limits(), &mut out).unwrap();
+        assert_eq!(out[0].data().len(), MAX_MESSAGE_SIZE);
     }
 
     #[test]

@@ -204,11 +204,29 @@ fn insert_first(loaded: &mut Loaded, service: ServiceFile) {
     }
 }
 
+/// Parses `text` as the activation file `path` (`.toml` or `.service`, by its extension) would
+/// be read by [`load`], without touching the disk. The fuzzing harness (tests/fuzz.rs) feeds it
+/// mutated files this way.
+pub fn parse_text(path: &Path, text: &str) -> Result<ServiceFile, LoadWarning> {
+    let warning = |err: FileError| LoadWarning {
+        path: path.to_owned(),
+        line: err.line,
+        message: err.message,
+    };
+    let format = Format::of(path)
+        .ok_or_else(|| warning(FileError::new(None, "neither a .toml nor a .service file")))?;
+    parse_as(path, format, text).map_err(warning)
+}
+
 fn load_file(path: &Path, format: Format) -> Result<ServiceFile, FileError> {
-    let text = read_text(path)?;
+    parse_as(path, format, &read_text(path)?)
+}
+
+/// The service that `text`, the contents of `path`, defines in `format`.
+fn parse_as(path: &Path, format: Format, text: &str) -> Result<ServiceFile, FileError> {
     let mut service = match format {
-        Format::Toml => parse_toml(&text, path)?,
-        Format::DbusService => parse_dbus_service(&text)?,
+        Format::Toml => parse_toml(text, path)?,
+        Format::DbusService => parse_dbus_service(text)?,
     };
     service.source = path.to_owned();
     Ok(service)
