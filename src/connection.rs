@@ -1,7 +1,7 @@
 //! One client connection: its credentials, its handshake, then a loop that reads whole messages
 //! into the bus core and writes out what the core queued for it.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::rc::Rc;
@@ -9,10 +9,12 @@ use std::rc::Rc;
 use tokio::net::UnixStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::auth::{self, AuthPolicy};
+use crate::bus::admission::{Lost, Ticket};
 use crate::bus::{Bus, Conn, Credentials, PeerId};
+use crate::log_limit;
 use crate::socket::Socket;
 use zbus::Message;
 
@@ -21,6 +23,15 @@ use crate::wire::{FrameReader, WireError};
 /// How many reads one connection may do before the others get their turn.
 const READS_PER_TURN: usize = 16;
 
+/// How many messages of one connection the bus handles before the others get their turn. One
+/// read may bring hundreds of small messages: a bound on reads alone let a client that
+/// pipelines calls hold the bus for a fifth of a second. At a few microseconds per message, a
+/// turn stays well under a millisecond, and a batch this size still fills a vectored write.
+const MESSAGES_PER_TURN: usize = 64;
+
+/// How long one connection's turn may run: a turn ends early when its messages are costly.
+const TURN_TIME: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// What every connection task needs.
 pub struct Shared {
     pub bus: RefCell<Bus>,
@@ -28,8 +39,6 @@ pub struct Shared {
     pub auth: AuthPolicy,
     /// One read buffer for all connections: they take turns on one thread.
     pub scratch: RefCell<Vec<u8>>,
-    /// Connections still in the handshake.
-    pub incomplete: Cell<usize>,
     /// Wakes the flusher: something was queued for writing.
     pub flush_wake: Notify,
 }
@@ -53,40 +62,83 @@ impl Shared {
     }
 }
 
-/// Counts a connection as incomplete while it lives.
-struct Incomplete<'a>(&'a Cell<usize>);
+/// A connection that passed the checks at `accept` and holds its place among the incomplete
+/// connections of its uid.
+pub struct Admitted {
+    stream: UnixStream,
+    creds: Credentials,
+    ticket: Rc<Ticket>,
+}
 
-impl Drop for Incomplete<'_> {
+/// Checks a connection at `accept`, before it takes any place: one whose credentials cannot be
+/// read, or of a uid that the bus would never let in, is closed at once. Any other is counted
+/// among the incomplete connections of its uid; past `max_incomplete_connections`, the oldest
+/// connection of the uid that holds the most is closed instead of this one (see
+/// [`crate::bus::admission`]).
+pub fn admit(shared: &Shared, stream: UnixStream) -> Option<Admitted> {
+    let creds = match peer_credentials(&stream) {
+        Ok(creds) => creds,
+        Err(e) => {
+            if log_limit::REFUSED_CONNECTION.allow() {
+                warn!("refusing a connection whose credentials cannot be read: {e}");
+            }
+            return None;
+        }
+    };
+    let mechanisms = shared.auth.mechanisms;
+    let mut bus = shared.bus.borrow_mut();
+    if !bus.could_connect(&creds, mechanisms.external, mechanisms.anonymous) {
+        if log_limit::REFUSED_CONNECTION.allow() {
+            warn!(
+                pid = creds.pid,
+                uid = creds.uid,
+                "refusing a connection: the policy does not let uid {} connect",
+                creds.uid
+            );
+        }
+        return None;
+    }
+    let cap = bus.limits.max_incomplete_connections;
+    let deadline = Instant::now() + bus.limits.auth_timeout;
+    let (ticket, evicted) = bus.admission.enter(creds.uid, deadline, cap);
+    for victim in evicted {
+        if log_limit::INCOMPLETE_CLOSED.allow() {
+            info!(
+                uid = victim.uid,
+                "closing the oldest incomplete connection of uid {}: \
+                 max_incomplete_connections ({cap}) reached",
+                victim.uid
+            );
+        }
+    }
+    Some(Admitted {
+        stream,
+        creds,
+        ticket,
+    })
+}
+
+/// Keeps a connection among the incomplete ones until it has joined or has gone.
+struct Counted<'a>(&'a Shared, &'a Ticket);
+
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
+        // Only when the runtime drops the task at exit could the core be in use.
+        if let Ok(mut bus) = self.0.bus.try_borrow_mut() {
+            bus.admission.leave(self.1);
+        }
     }
 }
 
-/// Serves one accepted socket until it closes or the bus drops it.
-pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
-    let mut creds = match peer_credentials(&stream) {
-        Ok(creds) => creds,
-        Err(e) => {
-            warn!("refusing a connection whose credentials cannot be read: {e}");
-            return;
-        }
-    };
-    // `max_incomplete_connections`: clients that connect and say nothing must not exhaust the
-    // bus's fds.
-    let (max_incomplete, auth_timeout) = {
-        let limits = &shared.bus.borrow().limits;
-        (limits.max_incomplete_connections, limits.auth_timeout)
-    };
-    if shared.incomplete.get() >= max_incomplete {
-        warn!(
-            pid = creds.pid,
-            uid = creds.uid,
-            "refusing a connection: {max_incomplete} others are still authenticating",
-        );
-        return;
-    }
-    shared.incomplete.set(shared.incomplete.get() + 1);
-    let handshake = Incomplete(&shared.incomplete);
+/// Serves one admitted connection until it closes or the bus drops it.
+pub async fn serve(shared: Rc<Shared>, admitted: Admitted) {
+    let Admitted {
+        stream,
+        mut creds,
+        ticket,
+    } = admitted;
+    let _counted = Counted(&shared, &ticket);
+    let auth_timeout = shared.bus.borrow().limits.auth_timeout;
     // EXTERNAL accepts the bus's own user and root; the policy's `user`/`group` rules may let
     // this one in too.
     let other_user = creds.uid != shared.auth.owner_uid && shared.bus.borrow().may_connect(&creds);
@@ -99,8 +151,13 @@ pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
         timeout: auth_timeout,
         ..shared.auth.clone()
     };
-    let authenticated = auth::authenticate(&stream, creds.uid, &policy).await;
-    drop(handshake);
+    let authenticated = tokio::select! {
+        done = auth::authenticate(&stream, creds.uid, &policy) => done,
+        why = must_close(&ticket) => {
+            debug!(pid = creds.pid, uid = creds.uid, "closing during authentication: {why:?}");
+            return;
+        }
+    };
     let authenticated = match authenticated {
         Ok(a) => a,
         Err(e) => {
@@ -115,26 +172,35 @@ pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
     creds.anonymous = authenticated.anonymous;
     let (pid, uid) = (creds.pid, creds.uid);
     if let Err(why) = shared.bus.borrow().admit(&creds) {
-        warn!(pid, uid, "refusing a connection: {why}");
+        if log_limit::REFUSED_CONNECTION.allow() {
+            warn!(pid, uid, "refusing a connection: {why}");
+        }
         return;
     }
     let socket = match Socket::new(stream) {
         Ok(socket) => socket,
         Err(e) => {
-            warn!(pid, uid, "cannot register an authenticated connection: {e}");
+            if log_limit::REFUSED_CONNECTION.allow() {
+                warn!(pid, uid, "cannot register an authenticated connection: {e}");
+            }
             return;
         }
     };
     let conn = Conn::new(socket);
-    let id = shared
-        .bus
-        .borrow_mut()
-        .add_peer(conn.clone(), creds, authenticated.unix_fds);
+    let id = {
+        let mut bus = shared.bus.borrow_mut();
+        let id = bus.add_peer(conn.clone(), creds, authenticated.unix_fds);
+        bus.admission.attach(&ticket, id);
+        id
+    };
+    tokio::task::spawn_local(close_unless_joined(shared.clone(), ticket.clone(), id));
     let mut reader = FrameReader::new(format!(":1.{id}"), authenticated.leftover);
     match run(&shared, &conn, id, &mut reader).await {
         Ok(()) | Err(WireError::Closed) => debug!(peer = id, "connection closed"),
         Err(WireError::Invalid(why)) => {
-            warn!(peer = %format!(":1.{id}"), pid, uid, "disconnecting: invalid message: {why}")
+            if log_limit::PROTOCOL_VIOLATION.allow() {
+                warn!(peer = %format!(":1.{id}"), pid, uid, "disconnecting: invalid message: {why}")
+            }
         }
         Err(WireError::Io(e)) => debug!(peer = id, "connection error: {e}"),
     }
@@ -142,6 +208,38 @@ pub async fn serve(shared: Rc<Shared>, stream: UnixStream) {
     shared.schedule_flush();
 }
 
+/// Resolves when an incomplete connection must close: pushed out by newer ones, or out of time.
+async fn must_close(ticket: &Ticket) -> Lost {
+    match ticket.lost().await {
+        Some(why) => why,
+        None => std::future::pending().await,
+    }
+}
+
+/// Drops peer `id` if it has not said `Hello` within `auth_timeout` of its connecting (as
+/// dbus-daemon does), or if newer connections push it out first; once it has, does nothing.
+async fn close_unless_joined(shared: Rc<Shared>, ticket: Rc<Ticket>, id: PeerId) {
+    let Some(why) = ticket.lost().await else {
+        return;
+    };
+    if why == Lost::TimedOut && log_limit::INCOMPLETE_CLOSED.allow() {
+        let limit = shared.bus.borrow().limits.auth_timeout;
+        info!(
+            peer = %format!(":1.{id}"),
+            uid = ticket.uid,
+            "disconnecting: no Hello within auth_timeout ({} ms)",
+            limit.as_millis()
+        );
+    } else {
+        debug!(peer = id, "disconnecting before Hello: {why:?}");
+    }
+    shared.bus.borrow_mut().disconnect(id);
+    shared.schedule_flush();
+}
+
+/// Reads, hands to the core, and waits, until the connection closes. Each turn handles at most
+/// `MESSAGES_PER_TURN` messages; a connection with more to do yields before its next turn, so
+/// every other ready connection (and the flusher) runs between two of its turns.
 async fn run(
     shared: &Shared,
     conn: &Conn,
@@ -151,7 +249,7 @@ async fn run(
     let mut batch = Vec::new();
     let frame_limits = shared.bus.borrow().limits.frame;
     reader.drain_leftover(&frame_limits, &mut batch)?;
-    dispatch(shared, id, &mut batch);
+    let mut more = turn(shared, conn, id, reader, &mut batch, false)?;
     let mut fds_deadline = None;
     loop {
         if conn.closing.get() {
@@ -171,18 +269,25 @@ async fn run(
                 ready.map_err(WireError::Io)?;
                 conn.flush();
             }
-            ready = conn.socket.readable(), if !paused => {
+            // The rest of a turn cut short: the others run first (tokio wakes a yielded task
+            // only after it has polled the sockets again).
+            () = tokio::task::yield_now(), if more => {
+                more = turn(shared, conn, id, reader, &mut batch, !paused)?;
+            }
+            ready = conn.socket.readable(), if !paused && !more => {
                 ready.map_err(WireError::Io)?;
-                read_turn(shared, conn, id, reader, &mut batch)?;
+                more = turn(shared, conn, id, reader, &mut batch, true)?;
             }
             () = sleep_until_some(fds_deadline), if fds_deadline.is_some() => {
-                let limit = shared.bus.borrow().limits.pending_fd_timeout;
-                warn!(
-                    peer = %format!(":1.{id}"),
-                    "disconnecting: Unix fds have been pending for too long \
-                     (pending_fd_timeout={} ms)",
-                    limit.as_millis()
-                );
+                if log_limit::PROTOCOL_VIOLATION.allow() {
+                    let limit = shared.bus.borrow().limits.pending_fd_timeout;
+                    warn!(
+                        peer = %format!(":1.{id}"),
+                        "disconnecting: Unix fds have been pending for too long \
+                         (pending_fd_timeout={} ms)",
+                        limit.as_millis()
+                    );
+                }
                 return Ok(());
             }
         }
@@ -211,16 +316,38 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     }
 }
 
-/// Reads and dispatches what the socket has, for a bounded number of reads.
-fn read_turn(
+/// One turn: hands the core at most `MESSAGES_PER_TURN` messages, those read before first,
+/// reading (when `read`) at most `READS_PER_TURN` times for more. Returns whether the
+/// connection has more to do at once: messages read and not yet handled, or a socket not
+/// drained. Messages that arrived before an invalid one are all handled before the error.
+fn turn(
     shared: &Shared,
     conn: &Conn,
     id: PeerId,
     reader: &mut FrameReader,
     batch: &mut Vec<Message>,
-) -> Result<(), WireError> {
+    mut read: bool,
+) -> Result<bool, WireError> {
     let frame_limits = shared.bus.borrow().limits.frame;
-    for _ in 0..READS_PER_TURN {
+    let started = std::time::Instant::now();
+    let mut budget = MESSAGES_PER_TURN;
+    let mut reads = 0;
+    loop {
+        budget -= dispatch(shared, id, batch, budget, started);
+        if conn.closing.get() {
+            return Ok(false);
+        }
+        if !batch.is_empty() {
+            return Ok(true);
+        }
+        // The core may have paused this sender while handling its messages.
+        if !read || conn.paused.get() {
+            return Ok(false);
+        }
+        if budget == 0 || reads == READS_PER_TURN || started.elapsed() >= TURN_TIME {
+            return Ok(true);
+        }
+        reads += 1;
         let outcome = conn.socket.try_read(|fd| {
             let mut scratch = shared.scratch.borrow_mut();
             match reader.read(fd, &mut scratch, &frame_limits, batch) {
@@ -233,34 +360,47 @@ fn read_turn(
             }
         });
         match outcome {
-            Ok(read) => {
-                dispatch(shared, id, batch);
-                read?;
-                if conn.closing.get() || conn.paused.get() {
-                    return Ok(());
-                }
+            Ok(Ok(_)) => {}
+            Ok(Err(invalid)) => {
+                dispatch(shared, id, batch, usize::MAX, None);
+                return Err(invalid);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                dispatch(shared, id, batch);
-                return Ok(());
-            }
+            // Drained: what this read brought is handled, within the budget, and no more read.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => read = false,
             Err(e) => return Err(WireError::Io(e)),
         }
     }
-    Ok(())
 }
 
-/// Hands each message to the bus core, then writes what it queued.
-fn dispatch(shared: &Shared, id: PeerId, batch: &mut Vec<Message>) {
-    if batch.is_empty() {
-        return;
-    }
+/// Hands the first messages of the batch to the bus core, in order: at most `limit`, and none
+/// once the turn that began at `started` has run for `TURN_TIME` (one costly message, such as a
+/// broadcast to thousands, ends it early). Has the flusher write what the core queued. Returns
+/// how many it handed over.
+fn dispatch(
+    shared: &Shared,
+    id: PeerId,
+    batch: &mut Vec<Message>,
+    limit: usize,
+    started: impl Into<Option<std::time::Instant>>,
+) -> usize {
+    let started = started.into();
+    let mut count = 0;
+    let mut messages = std::mem::take(batch).into_iter();
     let mut bus = shared.bus.borrow_mut();
-    for msg in batch.drain(..) {
+    while count < limit && started.is_none_or(|t| t.elapsed() < TURN_TIME) {
+        let Some(msg) = messages.next() else {
+            break;
+        };
         bus.dispatch(id, msg);
+        count += 1;
     }
     drop(bus);
-    shared.schedule_flush();
+    // What is left stays for the next turn (in the same buffer).
+    *batch = messages.collect();
+    if count > 0 {
+        shared.schedule_flush();
+    }
+    count
 }
 
 /// The peer's uid, pid and groups from the kernel.

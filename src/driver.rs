@@ -239,8 +239,10 @@ impl Bus {
             return;
         }
         let uid = peer.creds.uid;
-        if let Err(text) = self.complete_connection(uid) {
-            tracing::warn!(uid, "refusing Hello: {text}");
+        if let Err(text) = self.complete_connection(from, uid) {
+            if crate::log_limit::HELLO_REFUSED.allow() {
+                tracing::warn!(uid, "refusing Hello: {text}");
+            }
             self.reply_error(
                 from,
                 msg,
@@ -588,7 +590,9 @@ impl Bus {
             .map_err(rule_error)?;
         let done = reply(msg, &())?;
         self.send_from_driver(from, &done);
-        if let Some(peer) = self.peers.get(&from) {
+        if let Some(peer) = self.peers.get(&from)
+            && crate::log_limit::NEW_MONITOR.allow()
+        {
             info!(peer = %peer.unique, "connection became a monitor");
         }
         self.make_monitor(from, rules);

@@ -10,6 +10,7 @@ pub mod connection;
 pub mod daemon;
 pub mod driver;
 pub mod header_filter;
+pub mod log_limit;
 pub mod logging;
 pub mod match_rule;
 pub mod notify;

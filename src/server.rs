@@ -1,7 +1,7 @@
 //! The running bus: it binds the address, tells it, accepts connections on one thread, and shuts
 //! down cleanly on SIGTERM or SIGINT.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
@@ -26,7 +26,7 @@ use crate::config::{self, Config};
 use crate::connection::{self, Shared};
 use crate::supervisor::{self, Supervisor};
 use crate::wire::{FrameLimits, MAX_MESSAGE_SIZE};
-use crate::{daemon, logging, notify};
+use crate::{daemon, log_limit, logging, notify};
 
 /// Runs the bus until a signal stops it. Reads the configuration, directs the log, and forks
 /// when asked to, all before the runtime starts.
@@ -132,7 +132,6 @@ async fn serve(
             mechanisms,
         },
         scratch: RefCell::new(Vec::new()),
-        incomplete: Cell::new(0),
         flush_wake: Notify::new(),
     });
     let flusher = shared.clone();
@@ -169,13 +168,18 @@ fn load_config(opts: &Options) -> Result<Config, String> {
 }
 
 /// The stock session configuration, with broker's own tighter guards: the session file's
-/// "essentially infinite" limits would let one stuck or silent client hold a gigabyte or
-/// thousands of fds. A configuration file given with `--config-file` is applied as written.
+/// "essentially infinite" limits would let one stuck client hold a gigabyte, and its 240 s
+/// `auth_timeout` would let silent connections hold their fds for minutes. A configuration file
+/// given with `--config-file` is applied as written.
+///
+/// `max_incomplete_connections` is kept as configured (10,000): a full count no longer refuses
+/// the newest connection but closes the oldest of the uid that holds the most, so a flood can
+/// only push out its own uid's connections, and a lower cap would only make a client of the
+/// flooding uid more likely to be pushed out before it says `Hello`.
 fn guarded(mut config: Config) -> Config {
     let limits = &mut config.limits;
     let max_outgoing = u32::try_from(Limits::default().max_outgoing_bytes).unwrap_or(u32::MAX);
     limits.max_outgoing_bytes = limits.max_outgoing_bytes.min(max_outgoing);
-    limits.max_incomplete_connections = limits.max_incomplete_connections.min(64);
     limits.auth_timeout = limits.auth_timeout.min(Duration::from_secs(30));
     config
 }
@@ -266,14 +270,43 @@ async fn accept_loop(shared: Rc<Shared>, listener: UnixListener) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::task::spawn_local(connection::serve(shared.clone(), stream));
+                if let Some(admitted) = connection::admit(&shared, stream) {
+                    tokio::task::spawn_local(connection::serve(shared.clone(), admitted));
+                }
             }
-            Err(e) => {
-                // Out of descriptors, most likely: back off instead of spinning.
-                warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            Err(e) => accept_failed(&shared, &e).await,
         }
+    }
+}
+
+/// After a failed `accept`. Out of file descriptors, the bus closes the oldest incomplete
+/// connection of the uid that holds the most, so that a flood of silent connections cannot keep
+/// new clients out (the next `accept` takes the freed descriptor); otherwise it backs off
+/// instead of spinning.
+async fn accept_failed(shared: &Shared, e: &std::io::Error) {
+    let out_of_fds = matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EMFILE | nix::libc::ENFILE)
+    );
+    let evicted = if out_of_fds {
+        shared.bus.borrow_mut().admission.evict_one()
+    } else {
+        None
+    };
+    if log_limit::ACCEPT_FAILED.allow() {
+        match &evicted {
+            Some(victim) => warn!(
+                "accept failed: {e}; closing the oldest incomplete connection of uid {}",
+                victim.uid
+            ),
+            None => warn!("accept failed: {e}"),
+        }
+    }
+    if evicted.is_some() {
+        // The closed connection's task runs first and frees its descriptor.
+        tokio::task::yield_now().await;
+    } else {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -267,10 +267,12 @@ impl Activation {
             });
         };
         if self.over_start_limit(name) {
-            warn!(
-                service = name,
-                "start refused: it failed too often recently"
-            );
+            if crate::log_limit::START_REFUSED.allow() {
+                warn!(
+                    service = name,
+                    "start refused: it failed too often recently"
+                );
+            }
             return Err(StartFailure::start_limit(name, &self.policy));
         }
         let Some(supervisor) = &self.supervisor else {

@@ -59,7 +59,9 @@ impl Bus {
                 error: "org.freedesktop.DBus.Error.LimitsExceeded".into(),
                 text: "The maximum number of pending activations has been reached".into(),
             };
-            warn!(service = name, "start refused: {}", failure.text);
+            if crate::log_limit::START_REFUSED.allow() {
+                warn!(service = name, "start refused: {}", failure.text);
+            }
             self.fail_waiters(vec![waiter], &failure);
             return;
         }

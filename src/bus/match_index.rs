@@ -48,6 +48,11 @@ impl MatchIndex {
         }
     }
 
+    /// Gives back the room of a table that a peak of rules left mostly empty.
+    pub fn shrink(&mut self) {
+        super::shrink_map(&mut self.buckets);
+    }
+
     /// The peers with a rule that could match a message of this interface and member, each once.
     pub fn candidates(&self, interface: Option<&str>, member: Option<&str>) -> Vec<PeerId> {
         let mut keys = vec![key(None, None)];

@@ -3,6 +3,7 @@
 //! order of messages is the order of events and no lock is ever needed.
 
 pub mod activation;
+pub mod admission;
 mod match_index;
 pub mod names;
 mod security;
@@ -22,6 +23,7 @@ use zbus::message::{Flags, Type};
 
 use crate::activation::{Activation, Waiter};
 use crate::config::Policy;
+use crate::log_limit;
 use crate::match_rule::{Fields, MatchContext, MatchRule};
 use crate::socket::Socket;
 use crate::wire::{FrameLimits, MAX_MESSAGE_SIZE, Outbox};
@@ -209,10 +211,63 @@ pub struct Bus {
     pub policy_open: bool,
     /// Connections that `Hello` completed, by uid.
     completed_by_uid: HashMap<u32, usize>,
+    /// Connections that have not yet: in the handshake, or waiting for `Hello`.
+    pub admission: admission::Admission,
     /// Reads the configuration again for `ReloadConfig` and SIGHUP.
     pub reloader: Option<settings::Reloader>,
     /// Where timers and watchers report back to the core.
     events: tokio::sync::mpsc::UnboundedSender<CoreEvent>,
+}
+
+/// What hands freed memory back to the system; the binary sets it, as it chooses the allocator.
+static RELEASE_MEMORY: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// How long after a peer leaves the bus hands back what was freed: long enough for the peer's
+/// task to drop its queues, and a burst of departures costs one release.
+const RELEASE_DELAY: Duration = Duration::from_secs(1);
+
+thread_local! {
+    /// A release is due: later calls of [`release_memory_soon`] join it.
+    static RELEASE_SCHEDULED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Sets what [`release_memory_soon`] runs: allocators keep freed pages for reuse, so what a
+/// peak took (a client that queued 100k replies, or made 50k match rules) would stay with the
+/// process after the client leaves.
+pub fn set_memory_release(release: fn()) {
+    // Set once at start; a second call changes nothing.
+    let _ = RELEASE_MEMORY.set(release);
+}
+
+/// Has freed memory handed back to the system in `RELEASE_DELAY`, once for all calls until then.
+/// Call it on the bus's thread, within its task set.
+pub fn release_memory_soon() {
+    let Some(&release) = RELEASE_MEMORY.get() else {
+        return;
+    };
+    if RELEASE_SCHEDULED.with(|due| due.replace(true)) {
+        return;
+    }
+    tokio::task::spawn_local(async move {
+        tokio::time::sleep(RELEASE_DELAY).await;
+        RELEASE_SCHEDULED.with(|due| due.set(false));
+        let started = std::time::Instant::now();
+        release();
+        debug!(took = ?started.elapsed(), "handed freed memory back to the system");
+    });
+}
+
+/// Gives back the spare room of a map that holds less than a quarter of what it has room for:
+/// a hash map never shrinks by itself, so one peak (50k names) would keep its table for good.
+/// Halving at a quarter keeps the cost of shrinking in proportion to the removals.
+fn shrink_map<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(
+    map: &mut std::collections::HashMap<K, V, S>,
+) {
+    /// Small tables are not worth the copy.
+    const FLOOR: usize = 1024;
+    if map.capacity() > FLOOR && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
+    }
 }
 
 /// Parses `:1.N` into N.
@@ -242,6 +297,7 @@ impl Bus {
             policy: None,
             policy_open: true,
             completed_by_uid: HashMap::default(),
+            admission: admission::Admission::default(),
             reloader: None,
             events,
         }
@@ -294,12 +350,16 @@ impl Bus {
             return;
         };
         if peer.monitor {
-            warn!(peer = %peer.unique, "disconnecting monitor: monitors may not send messages");
+            if log_limit::PROTOCOL_VIOLATION.allow() {
+                warn!(peer = %peer.unique, "disconnecting monitor: monitors may not send messages");
+            }
             self.disconnect(from);
             return;
         }
         if !peer.registered && !is_hello(&msg) {
-            warn!(peer = %peer.unique, "disconnecting: the first message was not Hello");
+            if log_limit::PROTOCOL_VIOLATION.allow() {
+                warn!(peer = %peer.unique, "disconnecting: the first message was not Hello");
+            }
             self.disconnect(from);
             return;
         }
@@ -466,7 +526,9 @@ impl Bus {
             return;
         };
         if msg.message_type() == Type::MethodCall {
-            warn!(%receiver, "outgoing queue full: refusing a call to it");
+            if log_limit::OUTGOING_FULL.allow() {
+                warn!(%receiver, "outgoing queue full: refusing a call to it");
+            }
             if let Some(caller) = self.peers.get_mut(&from) {
                 caller
                     .awaiting
@@ -481,7 +543,9 @@ impl Bus {
                 &text,
             );
         } else {
-            warn!(%receiver, "disconnecting: its outgoing queue is full and it does not read");
+            if log_limit::OUTGOING_FULL.allow() {
+                warn!(%receiver, "disconnecting: its outgoing queue is full and it does not read");
+            }
             self.disconnect(to);
         }
     }
@@ -523,7 +587,9 @@ impl Bus {
                 continue;
             }
             if !self.deliver(to, msg) {
-                if let Some(p) = self.peers.get(&to) {
+                if let Some(p) = self.peers.get(&to)
+                    && log_limit::OUTGOING_FULL.allow()
+                {
                     warn!(receiver = %p.unique, "disconnecting: its outgoing queue is full and it does not read");
                 }
                 self.disconnect(to);
@@ -595,8 +661,13 @@ impl Bus {
             return;
         };
         self.index.add(id, rule.interface(), rule.member());
+        // Only an eavesdropping rule can make the peer a watcher: checking all its rules on
+        // each `AddMatch` made a flood of them cost time in the square of their number.
+        let eavesdrop = rule.eavesdrop();
         peer.rules.push(rule);
-        self.refresh_watcher(id);
+        if eavesdrop {
+            self.watchers.insert(id);
+        }
     }
 
     /// Removes one match rule of a peer equal to `rule`; false if it has none.
@@ -656,10 +727,12 @@ impl Bus {
             return;
         }
         if !self.deliver(to, msg) {
-            warn!(
-                peer = to,
-                "disconnecting: its outgoing queue is full and it does not read"
-            );
+            if log_limit::OUTGOING_FULL.allow() {
+                warn!(
+                    peer = to,
+                    "disconnecting: its outgoing queue is full and it does not read"
+                );
+            }
             self.disconnect(to);
         }
     }
@@ -751,6 +824,11 @@ impl Bus {
         for (caller, serial) in in_call_order(peer.owed) {
             self.send_no_reply(caller, serial, id, NO_REPLY_DISCONNECTED);
         }
+        self.names.shrink();
+        self.index.shrink();
+        shrink_map(&mut self.peers);
+        // What the peer held (queues, rules, names) is freed now or when its task ends.
+        release_memory_soon();
     }
 
     pub fn broadcast_owner_changed(&mut self, name: &str, old: &str, new: &str) {

@@ -174,6 +174,12 @@ impl NameRegistry {
         (ReleaseReply::Released, events)
     }
 
+    /// Gives back the room of tables that a peak of names left mostly empty.
+    pub fn shrink(&mut self) {
+        super::shrink_map(&mut self.names);
+        super::shrink_map(&mut self.by_peer);
+    }
+
     /// Drops every name of a peer that is gone. No `NameLost` goes to the departed peer.
     pub fn remove_peer(&mut self, peer: PeerId) -> Vec<NameEvent> {
         let names = self.by_peer.remove(&peer).unwrap_or_default();

@@ -8,6 +8,7 @@ use zbus::message::{Header, Type};
 
 use super::{Bus, Credentials, DRIVER, PeerId};
 use crate::config::{MessageFacts, Party, Verdict};
+use crate::log_limit;
 
 const ACCESS_DENIED: &str = "org.freedesktop.DBus.Error.AccessDenied";
 
@@ -29,11 +30,27 @@ impl Bus {
         Ok(())
     }
 
-    /// Counts a connection of `uid` that `Hello` completes, within `max_completed_connections`
-    /// and `max_connections_per_user`; past them, the `LimitsExceeded` text, as dbus-daemon
-    /// answers `Hello`.
-    pub fn complete_connection(&mut self, uid: u32) -> Result<(), String> {
-        let completed: usize = self.completed_by_uid.values().sum();
+    /// Could a peer with these credentials ever join? Checked at `accept`, before it takes any
+    /// place. Where ANONYMOUS is offered (`anonymous`, under `<allow_anonymous/>`) anyone may;
+    /// otherwise only through EXTERNAL (`external`), which takes those [`Bus::may_connect`] lets
+    /// in: on a session bus with the stock policy, the bus's user and root.
+    pub fn could_connect(&self, creds: &Credentials, external: bool, anonymous: bool) -> bool {
+        anonymous || (external && self.may_connect(creds))
+    }
+
+    /// Counts peer `id` of `uid`, which `Hello` completes, within `max_completed_connections`
+    /// and `max_connections_per_user` (past them, the `LimitsExceeded` text, as dbus-daemon
+    /// answers `Hello`); it no longer counts as incomplete. For the bus's user and root,
+    /// `max_completed_connections` counts only their own connections: other users that the
+    /// policy lets in cannot use up the places of the bus's owner.
+    pub fn complete_connection(&mut self, id: PeerId, uid: u32) -> Result<(), String> {
+        let privileged = |u: u32| u == self.owner_uid || u == 0;
+        let completed: usize = self
+            .completed_by_uid
+            .iter()
+            .filter(|(of, _)| !privileged(uid) || privileged(**of))
+            .map(|(_, count)| count)
+            .sum();
         if completed >= self.limits.max_completed_connections {
             return Err(format!(
                 "The maximum number of active connections ({completed}) has been reached"
@@ -46,6 +63,7 @@ impl Bus {
             ));
         }
         *of_user += 1;
+        self.admission.complete(id);
         Ok(())
     }
 
@@ -291,14 +309,17 @@ impl Bus {
         );
         drop(header);
         // dbus-daemon logs every refusal; a client could flood the log that way, so each
-        // connection's first refusal is logged for the operator and the rest at debug.
+        // connection's first refusal is logged for the operator and the rest at debug, and
+        // those lines are rate-limited, as a client may open many connections.
         let first = self
             .peers
             .get_mut(&from)
             .is_some_and(|p| !std::mem::replace(&mut p.refusal_logged, true));
-        if verdict.log {
+        if verdict.log && log_limit::POLICY_REFUSAL_LOGGED.allow() {
             warn!("{text}");
-        } else if first {
+        } else if verdict.log {
+            debug!("{text}");
+        } else if first && log_limit::POLICY_REFUSAL.allow() {
             info!("{text} (further refusals of this connection are logged at debug)");
         } else {
             debug!("{text}");
