@@ -151,12 +151,19 @@ pub async fn serve(shared: Rc<Shared>, admitted: Admitted) {
         timeout: auth_timeout,
         ..shared.auth.clone()
     };
-    let authenticated = tokio::select! {
-        done = auth::authenticate(&stream, creds.uid, &policy) => done,
-        why = must_close(&ticket) => {
-            debug!(pid = creds.pid, uid = creds.uid, "closing during authentication: {why:?}");
-            return;
+    // Boxed, so that the handshake's state is freed once it is done instead of sizing the
+    // task of every connection for as long as it lives.
+    let handshake = Box::pin(async {
+        tokio::select! {
+            done = auth::authenticate(&stream, creds.uid, &policy) => Some(done),
+            why = must_close(&ticket) => {
+                debug!(pid = creds.pid, uid = creds.uid, "closing during authentication: {why:?}");
+                None
+            }
         }
+    });
+    let Some(authenticated) = handshake.await else {
+        return;
     };
     let authenticated = match authenticated {
         Ok(a) => a,
