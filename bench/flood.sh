@@ -46,12 +46,9 @@
 # are those of the `dbus-broker` child, not of the launcher.
 set -uo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-BENCH=$TARGET/release/broker-bench
-BROKER=$TARGET/release/broker
-BUSD=$ROOT/bench-tools/bin/busd
-BUSD_VERSION=0.6.1
+LOG_TAG=flood
+# shellcheck source=bench/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 JOURNAL=/run/systemd/journal/socket
 
 SMOKE=0
@@ -104,30 +101,7 @@ MADE_JOURNAL=0
 BUS_PID=""
 STOP_PIDS=()
 
-log() { printf '[flood] %s\n' "$*" >&2; }
-
-fail() {
-    FAILURES=$((FAILURES + 1))
-    printf '[flood] FAILED: %s\n' "$*" >&2
-}
-
 # --- setup -----------------------------------------------------------------------
-
-build() {
-    ((BUILD)) || return 0
-    local packages=(-p broker-bench)
-    ((BUILD_BROKER)) && packages+=(-p broker)
-    log "building ${packages[*]} (release)"
-    cargo build --release --manifest-path "$ROOT/Cargo.toml" "${packages[@]}" >&2
-}
-
-install_busd() {
-    if [[ -x $BUSD ]] && [[ $("$BUSD" --version) == "busd $BUSD_VERSION" ]]; then
-        return 0
-    fi
-    log "installing busd $BUSD_VERSION into bench-tools/"
-    cargo install busd --version "$BUSD_VERSION" --root "$ROOT/bench-tools" >&2
-}
 
 # Makes sure each bus asked for can run, or records why not.
 check_buses() {

@@ -51,12 +51,9 @@
 # memory = VmRSS of the bus idle and with 10,000 connections after Hello.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-BENCH=$TARGET/release/broker-bench
-BROKER=$TARGET/release/broker
-BUSD=$ROOT/bench-tools/bin/busd
-BUSD_VERSION=0.6.1
+LOG_TAG=bench
+# shellcheck source=bench/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 SMOKE=0
 BUSES="broker dbus-daemon busd"
@@ -111,30 +108,7 @@ declare -A RESULT   # "bus|key" -> value, e.g. "busd|rt.p50_us"
 declare -A STATUS   # bus -> "ok" | "failed to start"
 FAILURES=0
 
-log() { printf '[bench] %s\n' "$*" >&2; }
-
-fail() {
-    FAILURES=$((FAILURES + 1))
-    printf '[bench] FAILED: %s\n' "$*" >&2
-}
-
 # --- setup -------------------------------------------------------------------
-
-build() {
-    ((BUILD)) || return 0
-    local packages=(-p broker-bench)
-    ((BUILD_BROKER)) && packages+=(-p broker)
-    log "building ${packages[*]} (release)"
-    cargo build --release --manifest-path "$ROOT/Cargo.toml" "${packages[@]}" >&2
-}
-
-install_busd() {
-    if [[ -x $BUSD ]] && [[ $("$BUSD" --version) == "busd $BUSD_VERSION" ]]; then
-        return 0
-    fi
-    log "installing busd $BUSD_VERSION into bench-tools/"
-    cargo install busd --version "$BUSD_VERSION" --root "$ROOT/bench-tools" >&2
-}
 
 # The stock session.conf, reduced to what the bench needs: our socket,
 # EXTERNAL, allow-all policy, our service directory, room for 10,000 peers.
