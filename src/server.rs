@@ -93,11 +93,13 @@ async fn serve(
         .map(|(_, bound, _)| bound.client_address(&guid))
         .ok_or("the configuration gives no address to listen on")?;
     // Like dbus-daemon, a bus that works says nothing on stderr (test harnesses start one per
-    // test): the address is told once, by --print-address, or else here.
-    if opts.print_address.is_some() {
-        debug!(%address, "listening");
-    } else {
+    // test). Only an address that broker chose itself and did not print is told here.
+    let chosen_and_untold =
+        opts.print_address.is_none() && opts.address.is_none() && opts.config_file.is_none();
+    if chosen_and_untold {
         info!(%address, "listening");
+    } else {
+        debug!(%address, "listening");
     }
     print_startup(&opts, &address)?;
     // Before a forking parent exits, so that the manager learns the daemon's pid first.
