@@ -56,10 +56,14 @@ fn release_memory() {
 /// after a flood of connections would keep their memory for good. Pages a busy bus frees and
 /// takes again stay cached in its heap, so this costs a handful of `madvise` calls (20 instead
 /// of 12 over a throughput and churn run). `MIMALLOC_PURGE_DELAY` in the environment still
-/// wins.
+/// wins. mimalloc reads its options in a constructor before `main`, so a default set here
+/// would be ignored: the option is set outright.
 fn purge_freed_pages_at_once() {
-    // SAFETY: sets an option's default before the allocator reads it; no memory is involved.
-    unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_PURGE_DELAY, 0) }
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    // SAFETY: sets one of mimalloc's options; no memory is involved.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
 }
 
 /// `mi_option_purge_delay` of `mimalloc.h` (the same in mimalloc 2 and 3), which the Rust
