@@ -212,6 +212,12 @@ pub async fn serve(shared: Rc<Shared>, admitted: Admitted) {
         Err(WireError::Io(e)) => debug!(peer = id, "connection error: {e}"),
     }
     shared.bus.borrow_mut().disconnect(id);
+    // A peer with many names gives them up a share per turn, the others' turns between.
+    while shared.bus.borrow_mut().release_names(id) {
+        shared.schedule_flush();
+        tokio::task::yield_now().await;
+    }
+    shared.bus.borrow_mut().disconnect(id);
     shared.schedule_flush();
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::io::{ErrorKind, Read, Write};
 use std::time::{Duration, Instant};
 
-use common::{Broker, RawClient};
+use common::{Broker, RawClient, error_name, member_of};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use zbus::Message;
@@ -312,4 +312,95 @@ fn memory_of_unread_replies_comes_back_after_the_client_leaves() {
     }
     // The bus still serves.
     observer.driver_call("GetId", &()).expect("GetId after");
+}
+
+/// How many names the leaving client holds: many times what the bus gives up per turn.
+const LEAVING_NAMES: u32 = 20_000;
+
+/// A client that leaves holding many names does not hold the others up while the bus announces
+/// their release: a call made once the first `NameOwnerChanged` arrived is answered before the
+/// last one. Every name is still announced, the unique name last, and none is left owned.
+#[test]
+fn a_client_leaving_with_many_names_waits_its_turn() {
+    let broker = Broker::start();
+    let mut holder = RawClient::connect(&broker.socket);
+    let mut flood = flood_of(&mut holder, LEAVING_NAMES, |serial, i| {
+        driver_call(
+            serial,
+            "RequestName",
+            &(format!("org.hardening.Leave.N{i:06}"), 4u32),
+        )
+    });
+    let last = format!("org.hardening.Leave.N{:06}", LEAVING_NAMES - 1);
+    flood.extend_from_slice(&driver_call(holder.next_serial().get(), "GetId", &()));
+    let reader = drain(holder.stream.try_clone().expect("clone"));
+    (&holder.stream).write_all(&flood).expect("names requested");
+    let mut bystander = RawClient::connect(&broker.socket);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while bystander.driver_call("GetNameOwner", &(&last,)).is_err() {
+        assert!(Instant::now() < deadline, "the holder never got its names");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bystander
+        .driver_call(
+            "AddMatch",
+            &("type='signal',member='NameOwnerChanged',arg0namespace='org.hardening.Leave'",),
+        )
+        .expect("AddMatch names");
+    bystander
+        .driver_call(
+            "AddMatch",
+            &(format!("type='signal',arg0='{}'", holder.unique),),
+        )
+        .expect("AddMatch unique");
+    let unique = holder.unique.clone();
+    holder
+        .stream
+        .shutdown(std::net::Shutdown::Both)
+        .expect("holder leaves");
+    drop(holder);
+    reader.join().expect("reader");
+    // The release has begun; now the bystander asks something.
+    let is_name_gone = |m: &Message| member_of(m) == "NameOwnerChanged";
+    bystander.recv_until(is_name_gone);
+    let serial = bystander.next_serial();
+    (&bystander.stream)
+        .write_all(&driver_call(serial.get(), "GetId", &()))
+        .expect("GetId sent");
+    let mut announced = 1;
+    loop {
+        let msg = bystander.recv();
+        if msg.header().reply_serial() == Some(serial) {
+            break;
+        }
+        announced += usize::from(is_name_gone(&msg));
+    }
+    eprintln!("the bystander was answered after {announced} of {LEAVING_NAMES} names' release");
+    assert!(
+        announced < LEAVING_NAMES as usize / 2,
+        "the bystander waited for {announced} of the {LEAVING_NAMES} names to be announced"
+    );
+    let mut names_left = LEAVING_NAMES as usize - announced;
+    loop {
+        let msg = bystander.recv_until(is_name_gone);
+        let (name, old, new): (String, String, String) = msg.body().deserialize().expect("body");
+        assert_eq!(
+            (old.as_str(), new.as_str()),
+            (unique.as_str(), ""),
+            "{name}"
+        );
+        if name == unique {
+            break;
+        }
+        names_left -= 1;
+    }
+    assert_eq!(
+        names_left, 0,
+        "the unique name was announced before every name"
+    );
+    let owner = bystander.driver_call("GetNameOwner", &(&last,));
+    assert_eq!(
+        error_name(&owner.expect_err("the last name has no owner")),
+        "org.freedesktop.DBus.Error.NameHasNoOwner"
+    );
 }

@@ -6,6 +6,7 @@ pub mod activation;
 pub mod admission;
 mod match_index;
 pub mod names;
+mod peer_rules;
 mod security;
 pub mod settings;
 pub mod systemd;
@@ -30,6 +31,7 @@ use crate::wire::{FrameLimits, MAX_MESSAGE_SIZE, Outbox};
 use activation::CoreEvent;
 use match_index::MatchIndex;
 use names::{NameEvent, NameRegistry};
+use peer_rules::PeerRules;
 
 /// A connection's number: its unique name is `:1.<id>`.
 pub type PeerId = u64;
@@ -172,7 +174,7 @@ pub struct Peer {
     pub registered: bool,
     pub creds: Credentials,
     pub unix_fds: bool,
-    pub rules: Vec<MatchRule>,
+    pub rules: PeerRules,
     /// Whether this connection has become a monitor (its rules then see everything).
     pub monitor: bool,
     /// Calls this peer made that wait for a reply: serial → callee.
@@ -186,6 +188,10 @@ pub struct Peer {
     pub held: (usize, usize),
     /// A refused message of this peer has been logged at info.
     pub refusal_logged: bool,
+    /// The bus dropped this peer after its `Hello` while it held more than `NAMES_PER_TURN`
+    /// names: its connection's task gives them up a share per turn (`release_names`) before
+    /// `disconnect` finishes. It is no longer `registered`, so nothing is routed to it.
+    pub leaving: bool,
 }
 
 pub struct Bus {
@@ -225,6 +231,9 @@ static RELEASE_MEMORY: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
 /// How long after a peer leaves the bus hands back what was freed: long enough for the peer's
 /// task to drop its queues, and a burst of departures costs one release.
 const RELEASE_DELAY: Duration = Duration::from_secs(1);
+
+/// How many names a leaving peer gives up per turn: about 1 ms of `NameOwnerChanged`.
+const NAMES_PER_TURN: usize = 256;
 
 thread_local! {
     /// A release is due: later calls of [`release_memory_soon`] join it.
@@ -315,13 +324,14 @@ impl Bus {
                 registered: false,
                 creds,
                 unix_fds,
-                rules: Vec::new(),
+                rules: PeerRules::default(),
                 monitor: false,
                 awaiting: HashMap::default(),
                 owed: HashSet::default(),
                 service_owner: false,
                 held: (0, 0),
                 refusal_logged: false,
+                leaving: false,
             },
         );
         id
@@ -675,10 +685,9 @@ impl Bus {
         let Some(peer) = self.peers.get_mut(&id) else {
             return false;
         };
-        let Some(at) = peer.rules.iter().position(|r| r == rule) else {
+        let Some(rule) = peer.rules.remove(rule) else {
             return false;
         };
-        let rule = peer.rules.remove(at);
         self.index.remove(id, rule.interface(), rule.member());
         self.refresh_watcher(id);
         true
@@ -689,7 +698,7 @@ impl Bus {
         let Some(peer) = self.peers.get(&id) else {
             return;
         };
-        for rule in &peer.rules {
+        for rule in peer.rules.iter() {
             self.index.remove(id, rule.interface(), rule.member());
         }
         if peer.monitor {
@@ -702,7 +711,7 @@ impl Bus {
         let Some(peer) = self.peers.get(&id) else {
             return;
         };
-        if peer.monitor || peer.rules.iter().any(MatchRule::eavesdrop) {
+        if peer.monitor || peer.rules.eavesdrops() {
             self.watchers.insert(id);
         } else {
             self.watchers.remove(&id);
@@ -802,10 +811,16 @@ impl Bus {
         };
         peer.conn.closing.set(true);
         peer.conn.wake.notify_one();
-        let announced = peer.registered && !peer.monitor;
-        let completed = peer.registered.then_some(peer.creds.uid);
+        let joined = peer.registered || peer.leaving;
         // Unregistered, it receives nothing more, but its unique name still reads in the signals.
         peer.registered = false;
+        if joined && !peer.monitor && self.names.count_for(id) > NAMES_PER_TURN {
+            // Its task, woken above, gives up the names and calls this again.
+            peer.leaving = true;
+            return;
+        }
+        let announced = joined && !peer.monitor;
+        let completed = joined.then_some(peer.creds.uid);
         if announced {
             debug!(peer = %peer.unique, "disconnected");
             let unique = peer.unique.clone();
@@ -829,6 +844,18 @@ impl Bus {
         shrink_map(&mut self.peers);
         // What the peer held (queues, rules, names) is freed now or when its task ends.
         release_memory_soon();
+    }
+
+    /// Gives up to `NAMES_PER_TURN` of the names that leaving peer `id` holds, and announces
+    /// them; returns whether it holds more. One peer that leaves with 50k names would otherwise
+    /// hold every other connection up for the 50k `NameOwnerChanged` that follow.
+    pub fn release_names(&mut self, id: PeerId) -> bool {
+        if !self.peers.get(&id).is_some_and(|p| p.leaving) {
+            return false;
+        }
+        let events = self.names.remove_some(id, NAMES_PER_TURN);
+        self.announce(events);
+        self.names.count_for(id) > 0
     }
 
     pub fn broadcast_owner_changed(&mut self, name: &str, old: &str, new: &str) {
@@ -894,7 +921,7 @@ impl Bus {
         self.broadcast_owner_changed(&unique, &unique, "");
         self.unindex_rules(id);
         if let Some(peer) = self.peers.get_mut(&id) {
-            peer.rules = rules;
+            peer.rules = PeerRules::from_list(rules);
             peer.monitor = true;
         }
         // A monitor's own rules are tried on every message it could see.

@@ -182,10 +182,20 @@ impl NameRegistry {
 
     /// Drops every name of a peer that is gone. No `NameLost` goes to the departed peer.
     pub fn remove_peer(&mut self, peer: PeerId) -> Vec<NameEvent> {
-        let names = self.by_peer.remove(&peer).unwrap_or_default();
+        self.remove_some(peer, usize::MAX)
+    }
+
+    /// Drops up to `max` names of a peer that is gone, in name order.
+    pub fn remove_some(&mut self, peer: PeerId, max: usize) -> Vec<NameEvent> {
         let mut events = Vec::new();
-        for name in names {
+        for _ in 0..max {
+            let Some(name) = self.by_peer.get_mut(&peer).and_then(BTreeSet::pop_first) else {
+                break;
+            };
             events.extend(self.remove(&name, peer));
+        }
+        if self.by_peer.get(&peer).is_some_and(BTreeSet::is_empty) {
+            self.by_peer.remove(&peer);
         }
         events
     }
