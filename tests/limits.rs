@@ -314,15 +314,16 @@ struct OtherUser {
 }
 
 impl OtherUser {
-    /// Runs the client as `nobody` (root can: the tests run as root in CI). None, after saying
-    /// so, when the test does not run as root.
-    fn start(broker: &Broker, args: &[&str]) -> Option<OtherUser> {
+    /// Runs the client as `nobody`. Only root can, so these tests fail when not run as root
+    /// rather than pass without checking anything.
+    fn start(broker: &Broker, args: &[&str]) -> OtherUser {
         use std::os::unix::fs::PermissionsExt;
         use std::process::Stdio;
-        if !nix::unistd::Uid::current().is_root() {
-            eprintln!("skipped: only root can run a client as another user (setpriv)");
-            return None;
-        }
+        assert!(
+            nix::unistd::Uid::current().is_root(),
+            "this test runs a client as another user (setpriv), which only root can: \
+             run the tests as root"
+        );
         tool("/usr/bin/python3");
         // The test's directory is root's (0700): nobody must reach the socket (0777) in it.
         std::fs::set_permissions(broker.dir.path(), std::fs::Permissions::from_mode(0o755))
@@ -338,7 +339,7 @@ impl OtherUser {
             .spawn()
             .expect("run setpriv");
         let out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-        Some(OtherUser { child, out })
+        OtherUser { child, out }
     }
 
     /// The client's next line.
@@ -469,9 +470,7 @@ fn quiet_session_bus() -> Broker {
 fn another_users_connections_are_closed_at_accept_and_the_owner_still_gets_in() {
     let broker = quiet_session_bus();
     // The stock session policy lets in the bus's user (root here) and root, nobody else.
-    let Some(mut nobody) = OtherUser::start(&broker, &["hold", "200", "200"]) else {
-        return;
-    };
+    let mut nobody = OtherUser::start(&broker, &["hold", "200", "200"]);
     assert_eq!(nobody.line(), "opened");
     // All closed within 10 s, well before the 30 s auth_timeout: none waited for a place.
     assert_eq!(closed_count(&nobody.line()), 200);
@@ -493,9 +492,7 @@ fn a_uid_the_policy_lets_in_cannot_push_out_another_uids_incomplete_connections(
         .map(|_| UnixStream::connect(&broker.socket).unwrap())
         .collect();
     // nobody's 200 push the count past 20: nobody holds the most, so its oldest go.
-    let Some(mut nobody) = OtherUser::start(&broker, &["hold", "200", "185"]) else {
-        return;
-    };
+    let mut nobody = OtherUser::start(&broker, &["hold", "200", "185"]);
     assert_eq!(nobody.line(), "opened");
     assert_eq!(closed_count(&nobody.line()), 185);
     for (i, stream) in owners.iter_mut().enumerate() {
@@ -518,9 +515,7 @@ fn other_users_cannot_use_up_the_owners_completed_connections() {
     let broker = Broker::start_with_config(&config_for_all_users(
         r#"<limit name="max_completed_connections">3</limit>"#,
     ));
-    let Some(mut nobody) = OtherUser::start(&broker, &["join", "4"]) else {
-        return;
-    };
+    let mut nobody = OtherUser::start(&broker, &["join", "4"]);
     // The fourth of nobody's is refused: max_completed_connections counts every uid for it.
     assert_eq!(nobody.line(), "joined 3");
     let mut owner = RawClient::connect(&broker.socket);
@@ -536,9 +531,7 @@ fn anonymous_clients_of_any_uid_are_still_let_in_with_allow_anonymous() {
         "<busconfig>\n  <type>session</type>\n  <listen>unix:tmpdir=/tmp</listen>\n  \
          <allow_anonymous/>\n  <policy context=\"default\">{ALLOW_ALL}\n  </policy>\n</busconfig>\n"
     ));
-    let Some(mut nobody) = OtherUser::start(&broker, &["anonymous"]) else {
-        return;
-    };
+    let mut nobody = OtherUser::start(&broker, &["anonymous"]);
     let line = nobody.line();
     assert!(line.starts_with("hello :1."), "{line}");
     assert!(nobody.finish());
@@ -650,9 +643,7 @@ fn a_connection_that_does_not_say_hello_within_auth_timeout_is_closed() {
 #[test]
 fn a_flood_of_refused_connections_writes_a_few_lines_and_a_summary_of_the_rest() {
     let broker = quiet_session_bus();
-    let Some(mut nobody) = OtherUser::start(&broker, &["hold", "200", "200"]) else {
-        return;
-    };
+    let mut nobody = OtherUser::start(&broker, &["hold", "200", "200"]);
     assert_eq!(nobody.line(), "opened");
     assert_eq!(closed_count(&nobody.line()), 200);
     assert!(nobody.finish());
