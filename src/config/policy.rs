@@ -361,3 +361,583 @@ impl MessageRule {
             .is_none_or(|broadcast| broadcast == message.destination.is_none())
     }
 }
+
+/// Rules read from XML through the configuration's own loader (the `parse` and `stock` helpers
+/// of the configuration's tests), as the bus reads them, and what the policy then decides.
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::config::policy;
+    use crate::config::tests::{parse, stock};
+    use crate::config::{Limits, SYSTEM_SERVICEDIRS};
+
+    fn rules_of(body: &str) -> Vec<Rule> {
+        let config = parse(&format!("<policy context=\"default\">{body}</policy>")).unwrap();
+        config.policy.default
+    }
+
+    fn send_rule(rule: &Rule) -> &MessageRule {
+        match &rule.kind {
+            RuleKind::Send(send) => send,
+            other => panic!("not a send rule: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_rule_attribute_is_read() {
+        let rules = rules_of(
+            r#"<allow send_interface="org.example.I" send_member="M" send_destination="org.example.D"
+                      send_path="/p" send_type="method_call" send_requested_reply="false"
+                      send_broadcast="false" eavesdrop="true" min_fds="1" max_fds="2" log="true"/>
+               <deny send_error="org.example.Error" send_destination_prefix="org.example"/>
+               <allow receive_interface="org.example.I" receive_member="M" receive_sender="org.example.S"
+                      receive_path="*" receive_type="signal" receive_requested_reply="true"/>
+               <deny receive_error="*"/>
+               <deny eavesdrop="true"/>
+               <allow own="org.example.Own"/>
+               <deny own="*"/>
+               <allow own_prefix="org.example"/>
+               <allow user="root"/>
+               <deny user="*"/>
+               <allow group="0"/>
+               <deny group="*"/>"#,
+        );
+        let expected_send = MessageRule {
+            message_type: Some(Type::MethodCall),
+            path: Some("/p".into()),
+            interface: Some("org.example.I".into()),
+            member: Some("M".into()),
+            error: None,
+            peer: NameMatch::Exact("org.example.D".into()),
+            broadcast: Some(false),
+            eavesdrop: true,
+            requested_reply: false,
+            min_fds: 1,
+            max_fds: 2,
+        };
+        assert_eq!(
+            rules[0],
+            Rule {
+                allow: true,
+                log: true,
+                kind: RuleKind::Send(expected_send)
+            }
+        );
+        let deny_error = send_rule(&rules[1]);
+        assert_eq!(deny_error.error.as_deref(), Some("org.example.Error"));
+        assert_eq!(deny_error.peer, NameMatch::Prefix("org.example".into()));
+        assert!(!deny_error.requested_reply && !rules[1].allow && !rules[1].log);
+        assert_eq!(deny_error.max_fds, policy::MAX_MESSAGE_UNIX_FDS);
+        let RuleKind::Receive(receive) = &rules[2].kind else {
+            panic!("{:?}", rules[2])
+        };
+        assert_eq!(receive.message_type, Some(Type::Signal));
+        assert_eq!(receive.peer, NameMatch::Exact("org.example.S".into()));
+        assert_eq!(receive.path, None);
+        assert!(receive.requested_reply && !receive.eavesdrop);
+        let RuleKind::Receive(any_error) = &rules[3].kind else {
+            panic!("{:?}", rules[3])
+        };
+        assert_eq!(any_error.error, None);
+        let RuleKind::Receive(eavesdrop) = &rules[4].kind else {
+            panic!("{:?}", rules[4])
+        };
+        assert!(eavesdrop.eavesdrop);
+        let kinds: Vec<&RuleKind> = rules[5..].iter().map(|rule| &rule.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                &RuleKind::Own(NameMatch::Exact("org.example.Own".into())),
+                &RuleKind::Own(NameMatch::Any),
+                &RuleKind::Own(NameMatch::Prefix("org.example".into())),
+                &RuleKind::User(Some(0)),
+                &RuleKind::User(None),
+                &RuleKind::Group(Some(0)),
+                &RuleKind::Group(None),
+            ]
+        );
+    }
+
+    #[test]
+    fn policies_are_sorted_by_whom_they_apply_to() {
+        let config = parse(
+            r#"<policy context="mandatory"><deny own="m"/></policy>
+               <policy user="0"><allow own="u1"/></policy>
+               <policy context="default"><allow own="d"/></policy>
+               <policy group="root"><allow own="g"/></policy>
+               <policy user="root"><allow own="u2"/></policy>
+               <policy at_console="false"><allow own="c"/></policy>"#,
+        )
+        .unwrap();
+        let own = |rules: &[Rule]| -> Vec<String> {
+            rules
+                .iter()
+                .map(|rule| match &rule.kind {
+                    RuleKind::Own(NameMatch::Exact(name)) => name.clone(),
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        let policy = &config.policy;
+        assert_eq!(own(&policy.default), ["d"]);
+        assert_eq!(own(&policy.mandatory), ["m"]);
+        assert_eq!(own(&policy.not_at_console), ["c"]);
+        assert_eq!(policy.users.keys().copied().collect::<Vec<_>>(), [0]);
+        assert_eq!(own(&policy.users[&0]), ["u1", "u2"]);
+        assert_eq!(own(&policy.groups[&0]), ["g"]);
+    }
+
+    fn facts(message_type: Type) -> MessageFacts<'static> {
+        MessageFacts {
+            message_type,
+            path: Some("/org/example"),
+            interface: None,
+            member: None,
+            error_name: None,
+            destination: None,
+            sender: Some(":1.1"),
+            is_reply: false,
+            requested_reply: false,
+            unix_fds: 0,
+        }
+    }
+
+    fn call(
+        destination: Option<&'static str>,
+        interface: Option<&'static str>,
+        member: &'static str,
+    ) -> MessageFacts<'static> {
+        MessageFacts {
+            destination,
+            interface,
+            member: Some(member),
+            ..facts(Type::MethodCall)
+        }
+    }
+
+    fn signal(destination: Option<&'static str>) -> MessageFacts<'static> {
+        MessageFacts {
+            destination,
+            interface: Some("org.example.Signals"),
+            member: Some("Changed"),
+            ..facts(Type::Signal)
+        }
+    }
+
+    fn reply(requested: bool) -> MessageFacts<'static> {
+        MessageFacts {
+            destination: Some(":1.2"),
+            is_reply: true,
+            requested_reply: requested,
+            ..facts(Type::MethodReturn)
+        }
+    }
+
+    fn policy_of(body: &str) -> Policy {
+        parse(body).unwrap().policy
+    }
+
+    fn can_send(policy: &Policy, message: &MessageFacts<'_>, receiver_names: &[&str]) -> bool {
+        let names: Vec<String> = receiver_names.iter().map(|name| name.to_string()).collect();
+        policy
+            .check_send(1000, &[100], message, Party::Peer(&names))
+            .allowed
+    }
+
+    #[test]
+    fn stock_system_conf_gives_the_system_bus_policy() {
+        let config = stock("system.conf");
+        assert_eq!(config.bus_type.as_deref(), Some("system"));
+        assert_eq!(config.user.as_deref(), Some("messagebus"));
+        assert!(config.fork && config.syslog);
+        assert_eq!(config.pidfile, Some(PathBuf::from("/run/dbus/pid")));
+        assert_eq!(config.listen, ["unix:path=/run/dbus/system_bus_socket"]);
+        assert_eq!(
+            config.servicehelper,
+            Some(PathBuf::from("/usr/lib/dbus-1.0/dbus-daemon-launch-helper"))
+        );
+        assert_eq!(config.servicedirs, SYSTEM_SERVICEDIRS.map(PathBuf::from));
+        assert_eq!(config.limits, Limits::default());
+        // Root's three rules, and no system.d file adds more.
+        assert_eq!(config.policy.users.get(&0).map_or(0, Vec::len), 3);
+
+        let policy = &config.policy;
+        assert!(policy.check_connect(1000, &[], 0));
+        assert!(!policy.check_own("org.example.Service", 1000, &[]));
+        let hello = call(
+            Some("org.freedesktop.DBus"),
+            Some("org.freedesktop.DBus"),
+            "Hello",
+        );
+        assert!(policy.check_send(1000, &[], &hello, Party::Bus).allowed);
+        let uae = call(
+            Some("org.freedesktop.DBus"),
+            Some("org.freedesktop.DBus"),
+            "UpdateActivationEnvironment",
+        );
+        assert!(!policy.check_send(1000, &[], &uae, Party::Bus).allowed);
+        let monitor = call(
+            Some("org.freedesktop.DBus"),
+            Some("org.freedesktop.DBus.Monitoring"),
+            "BecomeMonitor",
+        );
+        assert!(!policy.check_send(1000, &[], &monitor, Party::Bus).allowed);
+        assert!(policy.check_send(0, &[], &monitor, Party::Bus).allowed);
+        let names = [":1.7".to_owned()];
+        let to_peer = call(Some(":1.7"), Some("org.example.Iface"), "Do");
+        assert!(
+            !policy
+                .check_send(1000, &[], &to_peer, Party::Peer(&names))
+                .allowed
+        );
+        assert!(
+            policy
+                .check_send(1000, &[], &signal(None), Party::Bus)
+                .allowed
+        );
+    }
+
+    #[test]
+    fn no_matching_rule_means_no() {
+        let policy = policy_of("");
+        assert!(!policy.check_own("org.example.A", 0, &[]));
+        assert!(!can_send(&policy, &signal(None), &[":1.2"]));
+        let verdict = policy.check_receive(0, &[], &signal(None), Party::Bus, false);
+        assert_eq!(
+            verdict,
+            Verdict {
+                allowed: false,
+                log: false,
+                matched_rules: 0
+            }
+        );
+    }
+
+    #[test]
+    fn the_last_matching_rule_wins_and_is_counted() {
+        let policy = policy_of(
+            r#"<policy context="default">
+                 <allow send_destination="*"/>
+                 <deny send_interface="org.example.Signals" log="true"/>
+                 <allow send_interface="org.example.Other"/>
+               </policy>"#,
+        );
+        let verdict = policy.check_send(1000, &[], &signal(None), Party::Bus);
+        assert_eq!(
+            verdict,
+            Verdict {
+                allowed: false,
+                log: true,
+                matched_rules: 2
+            }
+        );
+        let policy = policy_of(
+            r#"<policy context="default">
+                 <deny send_interface="org.example.Signals"/>
+                 <allow send_destination="*"/>
+               </policy>"#,
+        );
+        assert!(can_send(&policy, &signal(None), &[]));
+    }
+
+    #[test]
+    fn rules_apply_default_then_group_then_user_then_mandatory() {
+        let policy = policy_of(
+            r#"<policy context="mandatory"><deny own="org.example.Mandatory"/></policy>
+               <policy user="1000"><allow own="org.example.Mandatory"/><allow own="org.example.User"/></policy>
+               <policy group="100"><deny own="org.example.User"/><allow own="org.example.Group"/></policy>
+               <policy context="default"><deny own="org.example.Group"/><allow own="org.example.Default"/></policy>"#,
+        );
+        assert!(policy.check_own("org.example.Default", 1000, &[100]));
+        assert!(policy.check_own("org.example.Group", 1000, &[100]));
+        assert!(!policy.check_own("org.example.Group", 1000, &[101]));
+        assert!(policy.check_own("org.example.User", 1000, &[100]));
+        assert!(!policy.check_own("org.example.User", 1001, &[100]));
+        assert!(!policy.check_own("org.example.Mandatory", 1000, &[100]));
+    }
+
+    #[test]
+    fn own_prefix_matches_whole_name_elements() {
+        let policy = policy_of(r#"<policy context="default"><allow own_prefix="a.b"/></policy>"#);
+        for (name, allowed) in [
+            ("a.b", true),
+            ("a.b.c", true),
+            ("a.b.c.d", true),
+            ("a.bc", false),
+            ("a.c", false),
+        ] {
+            assert_eq!(policy.check_own(name, 1, &[]), allowed, "{name}");
+        }
+    }
+
+    #[test]
+    fn connecting_defaults_to_the_bus_user_only() {
+        let policy = policy_of("");
+        assert!(policy.check_connect(1000, &[], 1000));
+        assert!(!policy.check_connect(1001, &[], 1000));
+        let policy = policy_of(
+            r#"<policy context="default"><allow group="100"/><deny user="1002"/></policy>
+               <policy context="mandatory"><deny user="1003"/></policy>"#,
+        );
+        assert!(policy.check_connect(1001, &[100], 1000));
+        assert!(!policy.check_connect(1002, &[100], 1000));
+        assert!(!policy.check_connect(1003, &[100], 1000));
+        assert!(!policy.check_connect(1004, &[101], 1000));
+    }
+
+    #[test]
+    fn send_destination_means_any_name_of_the_receiver() {
+        let policy = policy_of(
+            r#"<policy context="default">
+                 <allow send_destination="*"/>
+                 <deny send_destination="org.example.A"/>
+               </policy>"#,
+        );
+        let to_b = call(Some("org.example.B"), Some("org.example.I"), "M");
+        assert!(can_send(&policy, &to_b, &[":1.2", "org.example.B"]));
+        // The receiver also owns (or queues for) org.example.A: denied.
+        assert!(!can_send(
+            &policy,
+            &to_b,
+            &[":1.2", "org.example.B", "org.example.A"]
+        ));
+        // To the bus itself the destination field is what counts.
+        let to_a = call(Some("org.example.A"), None, "M");
+        assert!(!policy.check_send(1000, &[], &to_a, Party::Bus).allowed);
+        assert!(policy.check_send(1000, &[], &to_b, Party::Bus).allowed);
+    }
+
+    #[test]
+    fn send_destination_prefix_covers_the_names_below_it() {
+        let policy = policy_of(
+            r#"<policy context="default">
+                 <allow send_destination="*"/>
+                 <deny send_destination_prefix="com.example.SendPrefixDenied"/>
+                 <allow send_destination_prefix="com.example.SendPrefixDenied.SendPrefixAllowed"/>
+               </policy>"#,
+        );
+        let message = call(Some(":1.2"), Some("org.example.I"), "M");
+        let allowed = |names: &[&str]| can_send(&policy, &message, names);
+        assert!(!allowed(&[":1.2", "com.example.SendPrefixDenied"]));
+        assert!(!allowed(&[":1.2", "com.example.SendPrefixDenied.internal"]));
+        assert!(allowed(&[":1.2", "com.example.SendPrefixDeniedNot"]));
+        assert!(allowed(&[
+            ":1.2",
+            "com.example.SendPrefixDenied.SendPrefixAllowed.x"
+        ]));
+    }
+
+    #[test]
+    fn a_missing_interface_escapes_allow_rules_but_not_deny_rules() {
+        let allow = policy_of(
+            r#"<policy context="default"><allow send_interface="org.example.I"/></policy>"#,
+        );
+        let deny = policy_of(
+            r#"<policy context="default"><allow send_destination="*"/><deny send_interface="org.example.I"/></policy>"#,
+        );
+        let without = call(Some(":1.2"), None, "M");
+        let with = call(Some(":1.2"), Some("org.example.I"), "M");
+        assert!(!can_send(&allow, &without, &[":1.2"]));
+        assert!(can_send(&allow, &with, &[":1.2"]));
+        assert!(!can_send(&deny, &without, &[":1.2"]));
+        assert!(!can_send(&deny, &with, &[":1.2"]));
+        let other = call(Some(":1.2"), Some("org.example.Other"), "M");
+        assert!(can_send(&deny, &other, &[":1.2"]));
+    }
+
+    #[test]
+    fn message_fields_type_and_fd_counts_narrow_a_rule() {
+        let policy = policy_of(
+            r#"<policy context="default">
+                 <allow send_destination="*"/>
+                 <deny send_path="/test/DenySendMax2" max_fds="2"/>
+                 <deny send_path="/test/DenySendMin4" min_fds="4"/>
+                 <deny send_type="signal" send_interface="org.example.Signals" send_member="Changed"/>
+                 <deny send_type="error" send_error="org.example.Bad"/>
+               </policy>"#,
+        );
+        let at = |path: &'static str, unix_fds: u32| MessageFacts {
+            path: Some(path),
+            unix_fds,
+            ..call(Some(":1.2"), Some("org.example.I"), "M")
+        };
+        assert!(!can_send(&policy, &at("/test/DenySendMax2", 2), &[":1.2"]));
+        assert!(can_send(&policy, &at("/test/DenySendMax2", 3), &[":1.2"]));
+        assert!(can_send(&policy, &at("/test/DenySendMin4", 3), &[":1.2"]));
+        assert!(!can_send(&policy, &at("/test/DenySendMin4", 4), &[":1.2"]));
+        assert!(!can_send(&policy, &signal(None), &[]));
+        let other_member = MessageFacts {
+            member: Some("Other"),
+            ..signal(None)
+        };
+        assert!(can_send(&policy, &other_member, &[]));
+        let error = |name| MessageFacts {
+            error_name: Some(name),
+            ..facts(Type::Error)
+        };
+        assert!(!can_send(&policy, &error("org.example.Bad"), &[]));
+        assert!(can_send(&policy, &error("org.example.Fine"), &[]));
+    }
+
+    #[test]
+    fn send_broadcast_tells_broadcasts_from_unicasts() {
+        let policy = policy_of(
+            r#"<policy context="default">
+                 <allow send_destination="*"/>
+                 <deny send_interface="org.example.Signals" send_broadcast="true"/>
+               </policy>"#,
+        );
+        assert!(!can_send(&policy, &signal(None), &[]));
+        assert!(can_send(&policy, &signal(Some(":1.2")), &[":1.2"]));
+        let policy = policy_of(
+            r#"<policy context="default">
+                 <allow send_destination="*"/>
+                 <deny send_interface="org.example.Signals" send_broadcast="false"/>
+               </policy>"#,
+        );
+        assert!(can_send(&policy, &signal(None), &[]));
+        assert!(!can_send(&policy, &signal(Some(":1.2")), &[":1.2"]));
+    }
+
+    #[test]
+    fn requested_reply_decides_which_replies_a_rule_covers() {
+        // The system bus: only expected replies may be sent.
+        let system = policy_of(
+            r#"<policy context="default">
+                 <deny send_type="method_call"/>
+                 <allow send_requested_reply="true" send_type="method_return"/>
+               </policy>"#,
+        );
+        assert!(can_send(&system, &reply(true), &[":1.2"]));
+        assert!(!can_send(&system, &reply(false), &[":1.2"]));
+        // The session bus: eavesdrop="true" lets unexpected replies through.
+        let session = policy_of(
+            r#"<policy context="default"><allow send_destination="*" eavesdrop="true"/></policy>"#,
+        );
+        assert!(can_send(&session, &reply(false), &[":1.2"]));
+        let strict =
+            policy_of(r#"<policy context="default"><allow send_destination="*"/></policy>"#);
+        assert!(!can_send(&strict, &reply(false), &[":1.2"]));
+        // A <deny> stops only unexpected replies unless it says requested_reply="true".
+        let deny = |requested_reply: &str| {
+            policy_of(&format!(
+                r#"<policy context="default">
+                     <allow send_destination="*" send_requested_reply="false"/>
+                     <deny send_type="method_return" {requested_reply}/>
+                   </policy>"#
+            ))
+        };
+        assert!(can_send(&deny(""), &reply(true), &[":1.2"]));
+        assert!(!can_send(&deny(""), &reply(false), &[":1.2"]));
+        assert!(!can_send(
+            &deny(r#"send_requested_reply="true""#),
+            &reply(true),
+            &[":1.2"]
+        ));
+        // Not a reply: requested_reply does not matter.
+        assert!(can_send(&deny(""), &signal(None), &[]));
+    }
+
+    #[test]
+    fn receive_rules_check_sender_and_eavesdropping() {
+        let policy = policy_of(
+            r#"<policy context="default">
+                 <allow receive_sender="*"/>
+                 <deny receive_sender="org.example.Noisy"/>
+                 <deny receive_interface="org.freedesktop.DBus" receive_member="NameAcquired"/>
+               </policy>"#,
+        );
+        let receive = |message: &MessageFacts<'_>, sender: &[&str], eavesdropping: bool| {
+            let names: Vec<String> = sender.iter().map(|name| name.to_string()).collect();
+            policy
+                .check_receive(1000, &[], message, Party::Peer(&names), eavesdropping)
+                .allowed
+        };
+        assert!(receive(&signal(None), &[":1.1"], false));
+        assert!(!receive(
+            &signal(None),
+            &[":1.1", "org.example.Noisy"],
+            false
+        ));
+        // Without eavesdrop="true", an <allow> does not cover eavesdroppers.
+        let unicast = call(Some(":1.2"), Some("org.example.I"), "M");
+        assert!(!receive(&unicast, &[":1.1"], true));
+        let acquired = MessageFacts {
+            interface: Some("org.freedesktop.DBus"),
+            member: Some("NameAcquired"),
+            sender: Some("org.freedesktop.DBus"),
+            ..signal(Some(":1.2"))
+        };
+        assert!(
+            !policy
+                .check_receive(1000, &[], &acquired, Party::Bus, false)
+                .allowed
+        );
+
+        let eavesdropping = policy_of(
+            r#"<policy context="default">
+                 <allow eavesdrop="true"/>
+                 <deny receive_interface="org.example.I" eavesdrop="true"/>
+               </policy>"#,
+        );
+        let check = |eavesdrop| {
+            eavesdropping
+                .check_receive(1000, &[], &unicast, Party::Bus, eavesdrop)
+                .allowed
+        };
+        // The <deny eavesdrop="true"> stops eavesdroppers only.
+        assert!(check(false));
+        assert!(!check(true));
+        let other = call(Some(":1.2"), Some("org.example.Other"), "M");
+        assert!(
+            eavesdropping
+                .check_receive(1000, &[], &other, Party::Bus, true)
+                .allowed
+        );
+    }
+
+    #[test]
+    fn receive_sender_of_bus_messages_is_the_sender_field() {
+        let policy = policy_of(
+            r#"<policy context="default"><allow receive_sender="org.freedesktop.DBus"/></policy>"#,
+        );
+        let from_bus = MessageFacts {
+            sender: Some("org.freedesktop.DBus"),
+            ..signal(Some(":1.2"))
+        };
+        assert!(
+            policy
+                .check_receive(1000, &[], &from_bus, Party::Bus, false)
+                .allowed
+        );
+        let names = [":1.3".to_owned()];
+        let from_peer = MessageFacts {
+            sender: Some(":1.3"),
+            ..signal(Some(":1.2"))
+        };
+        assert!(
+            !policy
+                .check_receive(1000, &[], &from_peer, Party::Peer(&names), false)
+                .allowed
+        );
+    }
+
+    #[test]
+    fn only_a_policy_without_message_restrictions_is_open() {
+        assert!(stock("session.conf").policy.allows_all_messages());
+        let open = r#"<policy context="default">
+                        <allow send_destination="*" eavesdrop="true"/>
+                        <allow eavesdrop="true"/>
+                        <allow own="*"/>
+                      </policy>"#;
+        assert!(policy_of(open).allows_all_messages());
+        let denied = open.replace("<allow own", "<deny send_interface=\"a.B\"/><allow own");
+        assert!(!policy_of(&denied).allows_all_messages());
+        // Without eavesdrop="true", eavesdroppers must be checked.
+        let no_eavesdrop = r#"<policy context="default"><allow send_destination="*"/><allow receive_sender="*"/></policy>"#;
+        assert!(!policy_of(no_eavesdrop).allows_all_messages());
+        assert!(!Policy::default().allows_all_messages());
+    }
+}
