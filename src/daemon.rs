@@ -1,9 +1,10 @@
 //! Running as a daemon the way dbus-daemon does: leaving the foreground (`--fork`, `<fork/>`),
-//! the pid file (`<pidfile>`, unless `--nopidfile`), and the user the bus runs as (`<user>`).
+//! the pid file (`<pidfile>`, unless `--nopidfile`), the user the bus runs as (`<user>`), and the
+//! descriptors that `--print-address` and `--print-pid` write to.
 
 use std::fs::OpenOptions;
 use std::io::{ErrorKind, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -12,6 +13,107 @@ use nix::sys::stat::{Mode, umask};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Uid, User, fork, pipe2, setsid};
 use tracing::{debug, info, warn};
+
+use crate::cli::Options;
+
+/// The descriptors of `--print-address=FD` and `--print-pid=FD`, checked and owned from
+/// start-up. A number from the command line is only a number: had the bus merely remembered
+/// it, a descriptor that was closed at start could be reused by the runtime, a listening socket
+/// or the configuration file, and the address written there and that descriptor closed. So each
+/// descriptor above 2 is checked open and taken before anything else opens one, written through,
+/// and closed by dropping it (no service the bus starts inherits it). Standard input, output and
+/// error are written to as the process's own streams and stay open.
+pub struct PrintFds {
+    /// The descriptors above 2, each once (`--print-address=3 --print-pid=3` is allowed, as
+    /// dbus-daemon allows it: both lines go to it, and it is closed once).
+    owned: Vec<(RawFd, OwnedFd)>,
+    address: Option<RawFd>,
+    pid: Option<RawFd>,
+}
+
+impl PrintFds {
+    /// Takes the descriptors that `opts` names; call it first thing in `main`, before anything
+    /// opens a descriptor. One that is not open is refused (`--print-address=7: fd 7 is not
+    /// open`).
+    pub fn claim(opts: &Options) -> Result<PrintFds, String> {
+        let mut owned: Vec<(RawFd, OwnedFd)> = Vec::new();
+        let named = [
+            ("--print-address", opts.print_address),
+            ("--print-pid", opts.print_pid),
+        ];
+        for (flag, fd) in named {
+            let Some(fd) = fd.filter(|fd| *fd > 2) else {
+                continue;
+            };
+            if !owned.iter().any(|(taken, _)| *taken == fd) {
+                owned.push((fd, take_fd(flag, fd)?));
+            }
+        }
+        Ok(PrintFds {
+            owned,
+            address: opts.print_address,
+            pid: opts.print_pid,
+        })
+    }
+
+    /// Writes the address, then the pid, each with a newline in one write, to the descriptors
+    /// asked for; then closes those above 2.
+    pub fn print(self, address: &str) -> Result<(), String> {
+        let pid = std::process::id().to_string();
+        for (fd, line) in [(self.address, address), (self.pid, pid.as_str())] {
+            if let Some(fd) = fd {
+                self.write_line(fd, line)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `line` and a newline to `fd` in one write.
+    fn write_line(&self, fd: RawFd, line: &str) -> Result<(), String> {
+        let stdin = std::io::stdin();
+        let stdout = std::io::stdout();
+        let stderr = std::io::stderr();
+        let target = match fd {
+            0 => stdin.as_fd(),
+            1 => stdout.as_fd(),
+            2 => stderr.as_fd(),
+            _ => self
+                .owned
+                .iter()
+                .find(|(taken, _)| *taken == fd)
+                .map(|(_, owned)| owned.as_fd())
+                .ok_or_else(|| format!("fd {fd} was not taken at start-up"))?,
+        };
+        write_line_to(target, fd, line)
+    }
+}
+
+/// Checks that `fd` is open and takes it.
+fn take_fd(flag: &str, fd: RawFd) -> Result<OwnedFd, String> {
+    // SAFETY: F_GETFD only reads the descriptor's flags; any number is a valid argument, and
+    // one that is not open fails with EBADF.
+    if unsafe { nix::libc::fcntl(fd, nix::libc::F_GETFD) } == -1 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(nix::libc::EBADF) => format!("{flag}={fd}: fd {fd} is not open"),
+            _ => format!("{flag}={fd}: cannot check fd {fd}: {e}"),
+        });
+    }
+    // SAFETY: the number was just checked open, and nothing else in the process owns it: it
+    // was inherited, the process has opened nothing yet, and it is taken once.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Writes `line` and a newline to `target` (descriptor number `fd`) in one write.
+fn write_line_to(target: BorrowedFd<'_>, fd: RawFd, line: &str) -> Result<(), String> {
+    let text = format!("{line}\n");
+    let written = nix::unistd::write(target, text.as_bytes())
+        .map_err(|e| format!("cannot write to fd {fd}: {e}"))?;
+    if written != text.len() {
+        return Err(format!("short write to fd {fd}"));
+    }
+    Ok(())
+}
 
 /// The daemon's promise to the process that started it: written once the bus listens and has
 /// printed its address, so that `broker --fork` returns only when the bus can be used.

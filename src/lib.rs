@@ -8,12 +8,14 @@ pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod daemon;
-pub mod driver;
+/// The bus driver lives with the core it serves; `broker::driver` stays its public path.
+pub use bus::driver;
 pub mod header_filter;
 pub mod log_limit;
 pub mod logging;
 pub mod match_rule;
 pub mod notify;
+pub mod peer_task;
 pub mod server;
 pub mod socket;
 pub mod supervisor;

@@ -10,9 +10,14 @@
 //! [`WINDOW`].
 //!
 //! Only `info` and above are limited: `debug` and `trace` are detail the operator asked for.
+//!
+//! Windows are measured on tokio's clock, the one every timeout of the bus reads, so that a
+//! test that pauses it sees windows end in its virtual time too.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tracing::Level;
 
@@ -133,7 +138,7 @@ impl LogLimit {
             return false;
         };
         runtime.spawn(async move {
-            tokio::time::sleep_until(end.into()).await;
+            tokio::time::sleep_until(end).await;
             if let Ok(mut state) = self.state.lock() {
                 state.summary_scheduled = false;
                 self.close_window_if_over(&mut state, Instant::now());
@@ -201,5 +206,28 @@ mod tests {
         state.dropped = 1;
         LIMIT.close_window_if_over(&mut state, t0 + MAX_WINDOW);
         assert_eq!(state.window, MAX_WINDOW, "never longer than MAX_WINDOW");
+    }
+
+    /// The summary timer and the window read the same clock: with tokio's clock paused, the
+    /// window that dropped lines ends (and the next is twice as long) once `WINDOW` has passed
+    /// in virtual time, and not a moment before.
+    #[tokio::test(start_paused = true)]
+    async fn the_summary_comes_when_the_window_ends_in_paused_time() {
+        static LIMIT: LogLimit = LogLimit::new("test lines", Level::INFO);
+        let wall = std::time::Instant::now();
+        let dropped = (0..BURST + 3).filter(|_| !LIMIT.allow()).count();
+        assert_eq!(dropped, 3);
+        let open = |limit: &LogLimit| {
+            let state = limit.state.lock().unwrap();
+            (state.summary_scheduled, state.dropped, state.window)
+        };
+        assert_eq!(open(&LIMIT), (true, 3, WINDOW));
+        tokio::time::sleep(WINDOW - Duration::from_millis(1)).await;
+        assert_eq!(open(&LIMIT), (true, 3, WINDOW), "the window ended early");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        // The summary task, woken at the same instant, runs before this one goes on.
+        tokio::task::yield_now().await;
+        assert_eq!(open(&LIMIT), (false, 0, WINDOW * 2));
+        assert!(wall.elapsed() < WINDOW / 2, "waited {:?}", wall.elapsed());
     }
 }

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use broker::cli::{self, Options};
+use broker::daemon::PrintFds;
 
 /// The bus allocates and frees a few small buffers per message; mimalloc does that faster than
 /// glibc's allocator.
@@ -30,9 +31,17 @@ fn main() -> ExitCode {
         print!("{}", broker::driver::introspect(broker::bus::DRIVER_PATH));
         return ExitCode::SUCCESS;
     }
+    // Before anything opens a descriptor that could take the number of one of these.
+    let prints = match PrintFds::claim(&opts) {
+        Ok(prints) => prints,
+        Err(e) => {
+            eprintln!("broker: {e}");
+            return ExitCode::from(1);
+        }
+    };
     broker::logging::init();
     broker::bus::set_memory_release(release_memory);
-    match broker::server::run(opts) {
+    match broker::server::run(opts, prints) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("broker: {e}");

@@ -1,8 +1,9 @@
-//! The running bus: it binds the address, tells it, accepts connections on one thread, and shuts
-//! down cleanly on SIGTERM or SIGINT.
+//! The running bus. `run` is the `broker` command's part: it binds the addresses, tells them,
+//! leaves the foreground when asked, and turns SIGTERM and SIGINT into a shutdown and SIGHUP
+//! into a reload. `serve` is the bus itself, on listeners and a shutdown that its caller gives
+//! it: it accepts connections on one thread until the shutdown resolves.
 
 use std::cell::RefCell;
-use std::os::fd::{BorrowedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -18,19 +19,21 @@ use std::path::PathBuf;
 use crate::activation::{Activation, StartPolicy, StarterBus, watch};
 use crate::address::{self, ListenAddress, random_hex};
 use crate::auth::{AuthPolicy, Mechanisms};
-use crate::bus::activation::CoreEvent;
+use crate::bus::events::CoreEvent;
 use crate::bus::settings::Settings;
 use crate::bus::{Bus, Limits};
 use crate::cli::Options;
 use crate::config::{self, Config};
-use crate::connection::{self, Shared};
+use crate::daemon::PrintFds;
+use crate::peer_task::{self, Shared};
 use crate::supervisor::{self, Supervisor};
 use crate::wire::{FrameLimits, MAX_MESSAGE_SIZE};
 use crate::{daemon, log_limit, logging, notify};
 
 /// Runs the bus until a signal stops it. Reads the configuration, directs the log, and forks
-/// when asked to, all before the runtime starts.
-pub fn run(mut opts: Options) -> Result<(), String> {
+/// when asked to, all before the runtime starts. `prints` holds the descriptors of
+/// `--print-address` and `--print-pid`, taken at start-up.
+pub fn run(mut opts: Options, prints: PrintFds) -> Result<(), String> {
     let config = load_config(&opts)?;
     logging::direct(opts.log_target, config.syslog);
     let readiness = if opts.fork.unwrap_or(config.fork) {
@@ -42,8 +45,7 @@ pub fn run(mut opts: Options) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, serve(opts, config, readiness))
+    runtime.block_on(start(opts, config, readiness, prints))
 }
 
 /// `--fork`: forks, and leaves the working directory (paths the bus reads later are made
@@ -65,21 +67,21 @@ fn leave_foreground(opts: &mut Options, keep_umask: bool) -> Result<daemon::Read
     Ok(readiness)
 }
 
-async fn serve(
+/// What `broker` does around the bus: binds the listening sockets, writes the pid file, tells
+/// the address (`--print-address`, the service manager, a waiting `--fork` parent), serves until
+/// SIGTERM or SIGINT, and removes its socket files and pid file after.
+async fn start(
     opts: Options,
     config: Config,
     readiness: Option<daemon::Readiness>,
+    prints: PrintFds,
 ) -> Result<(), String> {
     raise_fd_limit();
     // Before the address is printed: whoever reads it may signal the bus at once.
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
-    let mut int =
-        signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
-    let mechanisms = Mechanisms::configured(&config.auth, config.allow_anonymous)
-        .map_err(|e| format!("cannot use the configuration: {e}"))?;
-    let listeners = bind_all(&opts, &config)?;
+    let (shutdown, reloads) = watch_signals()?;
+    // A configuration the bus cannot use is refused before anything is bound or printed.
+    mechanisms_of(&config)?;
+    let bound = bind_all(&opts, &config)?;
     let _pid_file = match (&config.pidfile, opts.nopidfile) {
         (Some(path), false) => Some(daemon::PidFile::create(path)?),
         _ => None,
@@ -88,10 +90,39 @@ async fn serve(
         daemon::become_user(user)?;
     }
     let guid = random_hex(16);
-    let address = listeners
+    let address = bound
         .first()
         .map(|(_, bound, _)| bound.client_address(&guid))
         .ok_or("the configuration gives no address to listen on")?;
+    announce(&opts, &address, prints, readiness)?;
+    let mut listeners = Vec::new();
+    let mut socket_files = Vec::new();
+    for (listener, bound, socket_file) in bound {
+        debug!(address = %bound.client_address(""), "accepting");
+        listeners.push(listener);
+        socket_files.push(socket_file);
+    }
+    let setup = BusSetup {
+        opts,
+        config,
+        guid,
+        address,
+        notify_stopping: true,
+    };
+    let served = serve(setup, listeners, reloads, shutdown).await;
+    // Removes the socket files, now that nothing listens on them.
+    drop(socket_files);
+    served
+}
+
+/// Tells where the bus listens: `--print-address` and `--print-pid`, the service manager, and a
+/// waiting `--fork` parent; then a forked daemon lets go of its standard streams.
+fn announce(
+    opts: &Options,
+    address: &str,
+    prints: PrintFds,
+    readiness: Option<daemon::Readiness>,
+) -> Result<(), String> {
     // Like dbus-daemon, a bus that works says nothing on stderr (test harnesses start one per
     // test). Only an address that broker chose itself and did not print is told here.
     let chosen_and_untold =
@@ -101,27 +132,134 @@ async fn serve(
     } else {
         debug!(%address, "listening");
     }
-    print_startup(&opts, &address)?;
+    prints.print(address)?;
     // Before a forking parent exits, so that the manager learns the daemon's pid first.
-    notify::ready(&address_without_guid(&address), readiness.is_some());
+    notify::ready(&address_without_guid(address), readiness.is_some());
     if let Some(readiness) = readiness {
         readiness.signal();
         daemon::detach_stdio();
     }
+    Ok(())
+}
 
-    let (events, mut event_rx) = mpsc::unbounded_channel();
+/// SIGTERM and SIGINT become the bus's shutdown, each SIGHUP a reload request. The handlers are
+/// installed at once (the default action of each signal ends the process).
+fn watch_signals() -> Result<(impl Future<Output = ()>, mpsc::UnboundedReceiver<()>), String> {
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
+    let (reload, reloads) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            if reload.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => debug!("SIGTERM: shutting down"),
+            _ = int.recv() => debug!("SIGINT: shutting down"),
+        }
+    };
+    Ok((shutdown, reloads))
+}
+
+/// What a bus serves with, besides its listening sockets.
+pub struct BusSetup {
+    /// The command line: activation directories and start limits, and where a reload reads the
+    /// configuration again ([`load_config`]).
+    pub opts: Options,
+    /// The configuration read for `opts`.
+    pub config: Config,
+    /// The bus's id (32 hex digits): `GetId` returns it, the authentication tells it, and the
+    /// address carries it.
+    pub guid: String,
+    /// The address clients are told, with `guid=`; started services are given it.
+    pub address: String,
+    /// Whether the service manager of `NOTIFY_SOCKET` is told `STOPPING=1` when the bus stops:
+    /// `broker` is the service the manager started; a bus in a test's process is not.
+    pub notify_stopping: bool,
+}
+
+/// The bus itself: serves `setup` on `listeners` until `shutdown` resolves, and reads the
+/// configuration again for each message on `reloads` (SIGHUP's, for `broker`). Taking both from
+/// the caller (as mini-redis's `server::run(listener, shutdown)` does) lets a test run the bus
+/// in its own process, on a listener it bound, with tokio's clock paused.
+///
+/// The bus runs on the calling thread. Its tasks (connections, timers, the reaper) run in a
+/// task set of its own, dropped when `serve` returns: once shutdown resolves, the services'
+/// pending starts are stopped, the service manager is told, and every connection and listening
+/// socket is closed, as when the process exits. The process may run one bus at a time (one
+/// reaper collects its children).
+pub async fn serve(
+    setup: BusSetup,
+    listeners: Vec<UnixListener>,
+    reloads: mpsc::UnboundedReceiver<()>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let tasks = tokio::task::LocalSet::new();
+    tasks
+        .run_until(serve_in_task_set(setup, listeners, reloads, shutdown))
+        .await
+}
+
+/// `serve`, within the bus's task set.
+async fn serve_in_task_set(
+    setup: BusSetup,
+    listeners: Vec<UnixListener>,
+    mut reloads: mpsc::UnboundedReceiver<()>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let notify_stopping = setup.notify_stopping;
+    let (shared, mut event_rx) = start_bus(setup)?;
+    let flusher = shared.clone();
+    tokio::task::spawn_local(async move { flusher.flush_forever().await });
+    for listener in listeners {
+        tokio::task::spawn_local(accept_loop(shared.clone(), listener));
+    }
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            Some(event) = event_rx.recv() => handle_event(&shared, event),
+            // A caller that sends none may have dropped its sender: the branch is then off.
+            Some(()) = reloads.recv() => reload(&shared),
+            () = &mut shutdown => break,
+        }
+    }
+    if notify_stopping {
+        notify::stopping();
+    }
+    shared.bus.borrow_mut().stop_pending_starts();
+    Ok(())
+}
+
+/// The core and what every connection task shares, with activation started; and the channel
+/// on which the core's events arrive (process exits, timeouts, directory changes).
+fn start_bus(setup: BusSetup) -> Result<(Rc<Shared>, mpsc::UnboundedReceiver<CoreEvent>), String> {
+    let BusSetup {
+        opts,
+        config,
+        guid,
+        address,
+        ..
+    } = setup;
+    let mechanisms = mechanisms_of(&config)?;
+    let (events, event_rx) = mpsc::unbounded_channel();
     let settings = settings_of(&config, &opts);
     // Services are told the address as printed, guid and all, and the bus type of the
     // configuration read at start, as dbus-daemon tells them.
     let starter = StarterBus {
-        address: address.clone(),
+        address,
         bus_type: config.bus_type.clone(),
     };
     let activation = start_activation(&opts, &settings, starter, events.clone())?;
     let mut bus = Bus::new(guid.clone(), settings.limits.clone(), activation, events);
     bus.apply_settings(settings);
     let reload_opts = opts.clone();
-    bus.reloader = Some(Box::new(move || {
+    bus.set_reloader(Box::new(move || {
         load_config(&reload_opts).map(|config| settings_of(&config, &reload_opts))
     }));
     let shared = Rc::new(Shared {
@@ -136,37 +274,24 @@ async fn serve(
         scratch: RefCell::new(Vec::new()),
         flush_wake: Notify::new(),
     });
-    let flusher = shared.clone();
-    tokio::task::spawn_local(async move { flusher.flush_forever().await });
-    let mut _cleanup = Vec::new();
-    for (listener, bound, socket_file) in listeners {
-        debug!(address = %bound.client_address(""), "accepting");
-        _cleanup.push(socket_file);
-        tokio::task::spawn_local(accept_loop(shared.clone(), listener));
-    }
-
-    loop {
-        tokio::select! {
-            Some(event) = event_rx.recv() => handle_event(&shared, event),
-            _ = hup.recv() => reload(&shared),
-            _ = term.recv() => { debug!("SIGTERM: shutting down"); break; }
-            _ = int.recv() => { debug!("SIGINT: shutting down"); break; }
-        }
-    }
-    notify::stopping();
-    shared.bus.borrow_mut().stop_pending_starts();
-    Ok(())
+    Ok((shared, event_rx))
 }
 
 /// The configuration: `--config-file`, the stock system one for `--system`, else the stock
 /// session one. A malformed file is refused with its path, line and reason.
-fn load_config(opts: &Options) -> Result<Config, String> {
+pub fn load_config(opts: &Options) -> Result<Config, String> {
     let path = match (&opts.config_file, opts.system) {
         (Some(path), _) => path.clone(),
         (None, true) => PathBuf::from(config::SYSTEM_CONF),
         (None, false) => return Ok(guarded(config::session_default())),
     };
     config::load(&path).map_err(|e| e.to_string())
+}
+
+/// The authentication mechanisms the configuration allows.
+fn mechanisms_of(config: &Config) -> Result<Mechanisms, String> {
+    Mechanisms::configured(&config.auth, config.allow_anonymous)
+        .map_err(|e| format!("cannot use the configuration: {e}"))
 }
 
 /// The stock session configuration, with broker's own tighter guards: the session file's
@@ -272,8 +397,8 @@ async fn accept_loop(shared: Rc<Shared>, listener: UnixListener) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                if let Some(admitted) = connection::admit(&shared, stream) {
-                    tokio::task::spawn_local(connection::serve(shared.clone(), admitted));
+                if let Some(admitted) = peer_task::admit(&shared, stream) {
+                    tokio::task::spawn_local(peer_task::serve(shared.clone(), admitted));
                 }
             }
             Err(e) => accept_failed(&shared, &e).await,
@@ -291,7 +416,7 @@ async fn accept_failed(shared: &Shared, e: &std::io::Error) {
         Some(nix::libc::EMFILE | nix::libc::ENFILE)
     );
     let evicted = if out_of_fds {
-        shared.bus.borrow_mut().admission.evict_one()
+        shared.bus.borrow_mut().evict_incomplete()
     } else {
         None
     };
@@ -317,31 +442,6 @@ fn reload(shared: &Shared) {
     // A bad file is already logged by reload_config; the old configuration stays.
     let _ = shared.bus.borrow_mut().reload_config();
     shared.schedule_flush();
-}
-
-/// `--print-address` and `--print-pid`, each in one write; then the fds above 2 are closed, so
-/// that no service inherits them.
-fn print_startup(opts: &Options, address: &str) -> Result<(), String> {
-    let pid = std::process::id().to_string();
-    let prints = [
-        (opts.print_address, address),
-        (opts.print_pid, pid.as_str()),
-    ];
-    for (fd, line) in prints {
-        if let Some(fd) = fd {
-            print_to_fd(fd, line)?;
-        }
-    }
-    let mut fds: Vec<RawFd> = prints
-        .iter()
-        .filter_map(|(fd, _)| *fd)
-        .filter(|fd| *fd > 2)
-        .collect();
-    fds.dedup();
-    for fd in fds {
-        let _ = nix::unistd::close(fd);
-    }
-    Ok(())
 }
 
 /// Makes the broker the subreaper of what it starts, starts the reaper, and loads the activation
@@ -377,7 +477,9 @@ fn start_activation(
     }
     let mut activation = Activation::new(dirs, policy, Some(supervisor), starter);
     activation.systemd = opts.systemd_activation;
-    watch::watch_dirs(activation.dirs_updates(), events);
+    watch::watch_dirs(activation.dirs_updates(), move |why| {
+        events.send(CoreEvent::Reload(why)).is_ok()
+    });
     Ok(activation)
 }
 
@@ -428,19 +530,6 @@ fn address_without_guid(address: &str) -> String {
 fn handle_event(shared: &Shared, event: CoreEvent) {
     shared.bus.borrow_mut().handle_event(event);
     shared.schedule_flush();
-}
-
-/// Writes `line` and a newline to `fd` in one write.
-fn print_to_fd(fd: RawFd, line: &str) -> Result<(), String> {
-    let text = format!("{line}\n");
-    // SAFETY: the fd was handed to us on the command line; it stays open for this call.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let written = nix::unistd::write(borrowed, text.as_bytes())
-        .map_err(|e| format!("cannot write to fd {fd}: {e}"))?;
-    if written != text.len() {
-        return Err(format!("short write to fd {fd}"));
-    }
-    Ok(())
 }
 
 /// Removes the socket file when the bus stops.

@@ -1,7 +1,8 @@
 //! On-demand activation with real processes and the real binary: the activation files, starts
-//! triggered by calls and by `StartServiceByName`, the ways a start fails, the start-limit guard,
-//! the started service's environment, the broker as subreaper, what happens when a service's
-//! process dies, and reloading.
+//! triggered by calls and by `StartServiceByName`, the ways a start fails, the started service's
+//! environment, the broker as subreaper, what happens when a service's process dies, and
+//! reloading. (The start timeouts and the start-limit guard are tested in virtual time, in
+//! `tests/in_process.rs`.)
 //!
 //! The services are the examples of `examples/` (run `cargo build --examples` first; plain
 //! `cargo test` builds them), `/bin/sh` one-liners, and one `python3` service. Each test runs its
@@ -761,34 +762,6 @@ fn a_service_killed_by_a_signal_before_taking_its_name_fails_with_child_signaled
 }
 
 #[test]
-fn a_service_that_never_takes_its_name_times_out_after_its_own_start_timeout() {
-    let files = Files::new();
-    let name = "org.test.fail.Timeout";
-    files.toml(
-        "timeout.toml",
-        name,
-        &["/bin/sleep", "30"],
-        "start_timeout_ms = 300",
-    );
-    let bus = files.start_with(&[LONG_START_TIMEOUT], &[]);
-    let mut c = bus.client();
-    let began = Instant::now();
-    let err = start_service(&mut c, name).expect_err("a start that timed out succeeded");
-    let took = began.elapsed();
-    assert_eq!(error_name(&err), "org.freedesktop.DBus.Error.TimedOut");
-    assert!(took >= Duration::from_millis(300), "{took:?}");
-    assert!(
-        took < WELL_BEFORE_TIMEOUT,
-        "the file's timeout was not used: {took:?}"
-    );
-    // What was left of the start is stopped.
-    let [pid] = bus.spawned(name)[..] else {
-        panic!("not one spawn: {:?}", bus.spawned(name));
-    };
-    bus.wait_for_end(pid, "killed by signal");
-}
-
-#[test]
 fn a_daemonized_service_whose_daemon_dies_before_taking_its_name_fails_fast() {
     let files = Files::new();
     let name = "org.test.fail.Daemon";
@@ -810,61 +783,6 @@ fn a_daemonized_service_whose_daemon_dies_before_taking_its_name_fails_fast() {
         "{text}"
     );
     assert!(took < WELL_BEFORE_TIMEOUT, "{took:?}");
-}
-
-#[test]
-fn a_service_failing_repeatedly_is_refused_until_the_interval_has_passed() {
-    let files = Files::new();
-    let name = "org.test.fail.Limit";
-    files.toml(
-        "limit.toml",
-        name,
-        &[&example("daemon_service"), "--exit-code", "3"],
-        "",
-    );
-    let bus = files.start_with(
-        &[
-            LONG_START_TIMEOUT,
-            "--start-limit-burst=3",
-            "--start-limit-interval-ms=2000",
-        ],
-        &[],
-    );
-    let mut c = bus.client();
-    let began = Instant::now();
-    let fail = |c: &mut RawClient| {
-        let err = start_service(c, name).expect_err("a failing service started");
-        error_name(&err)
-    };
-    for _ in 0..3 {
-        assert_eq!(fail(&mut c), "org.freedesktop.DBus.Error.Spawn.ChildExited");
-    }
-    assert_eq!(bus.spawned(name).len(), 3);
-
-    let refused_at = Instant::now();
-    assert_eq!(fail(&mut c), "org.freedesktop.DBus.Error.Spawn.Failed");
-    assert!(refused_at.elapsed() < WELL_BEFORE_TIMEOUT);
-    assert_eq!(bus.spawned(name).len(), 3, "a refused start spawned");
-
-    // Refused (without a spawn) until the first failure is older than the interval.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match fail(&mut c).as_str() {
-            "org.freedesktop.DBus.Error.Spawn.Failed" => {
-                assert_eq!(bus.spawned(name).len(), 3, "a refused start spawned");
-            }
-            "org.freedesktop.DBus.Error.Spawn.ChildExited" => break,
-            other => panic!("unexpected {other}"),
-        }
-        assert!(Instant::now() < deadline, "never allowed to start again");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        began.elapsed() >= Duration::from_millis(2000),
-        "started again after {:?}",
-        began.elapsed()
-    );
-    assert_eq!(bus.spawned(name).len(), 4);
 }
 
 // ---------------------------------------------------------------------------

@@ -1,9 +1,15 @@
-//! The command line as a user meets it: `--help`, the man page, and a bus that keeps quiet on
-//! stderr when it works, as test harnesses that start one per test expect.
+//! The command line as a user meets it: `--help`, the man page, a bus that keeps quiet on
+//! stderr when it works, as test harnesses that start one per test expect, and the descriptors
+//! of `--print-address=FD` and `--print-pid=FD`.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{RawClient, wait_within};
 
 /// The options `broker --help` lists, without their values (`--address`, `--print-pid`, ...).
 fn options_in_help() -> Vec<String> {
@@ -137,4 +143,97 @@ fn a_bus_that_works_writes_nothing_to_stderr() {
     assert!(bus.wait().unwrap().success());
     let written = std::fs::read_to_string(&stderr_file).unwrap();
     assert_eq!(written, "", "broker wrote to stderr");
+}
+
+/// `broker` run by `sh -c SCRIPT`, where the script says `"$0"` for the broker and `$1` for the
+/// socket path; what the shell redirects is what the broker inherits.
+fn broker_in_shell(script: &str, socket: &Path) -> Command {
+    let mut command = Command::new("/bin/sh");
+    command
+        .arg("-c")
+        .arg(script)
+        .arg(env!("CARGO_BIN_EXE_broker"))
+        .arg(format!("unix:path={}", socket.display()));
+    command
+}
+
+#[test]
+fn a_print_fd_that_is_not_open_is_refused_before_the_bus_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("bus");
+    // The shell closes the fd (`N>&-`) before it runs the broker: whatever the test process
+    // holds, the number is not open in the broker.
+    for (args, closed, expected) in [
+        (
+            "--print-address=7",
+            7,
+            "broker: --print-address=7: fd 7 is not open\n",
+        ),
+        (
+            "--print-address --print-pid 9",
+            9,
+            "broker: --print-pid=9: fd 9 is not open\n",
+        ),
+    ] {
+        let script = format!(r#"exec "$0" --session --address="$1" {args} {closed}>&-"#);
+        let out = broker_in_shell(&script, &socket)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run broker");
+        assert_eq!(out.status.code(), Some(1), "{args}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), expected, "{args}");
+        assert!(out.stdout.is_empty(), "{args}: printed {:?}", out.stdout);
+        assert!(!socket.exists(), "{args}: the bus listened before refusing");
+    }
+}
+
+#[test]
+fn both_prints_to_one_fd_write_both_lines_then_close_it_while_the_bus_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("bus");
+    // fd 3 is the pipe the test reads; standard output goes elsewhere, so only fd 3 holds the
+    // pipe's write end in the broker.
+    let script =
+        r#"exec "$0" --session --address="$1" --print-address=3 --print-pid=3 3>&1 >/dev/null"#;
+    let mut bus = broker_in_shell(script, &socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start broker");
+    let mut pipe = bus.stdout.take().expect("the pipe");
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let read = pipe.read_to_string(&mut text).map(|_| text);
+        let _ = sender.send(read);
+    });
+    // End of file comes only once the broker has closed fd 3.
+    let printed = match receiver.recv_timeout(Duration::from_secs(10)) {
+        Ok(read) => read.expect("read the pipe"),
+        Err(_) => {
+            let _ = bus.kill();
+            let _ = bus.wait();
+            panic!("the broker did not close fd 3 within 10 s");
+        }
+    };
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines.len(), 2, "{printed:?}");
+    assert!(
+        lines[0].starts_with(&format!("unix:path={},guid=", socket.display())),
+        "{printed:?}"
+    );
+    assert_eq!(lines[1], bus.id().to_string());
+    // The bus runs on after closing it.
+    assert!(bus.try_wait().unwrap().is_none(), "the bus exited");
+    RawClient::connect(&socket)
+        .driver_call("GetId", &())
+        .expect("the bus answers");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(bus.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = wait_within(&mut bus, Duration::from_secs(10)).expect("the bus stops");
+    assert!(status.success(), "{status:?}");
 }

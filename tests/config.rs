@@ -1,6 +1,8 @@
 //! broker's dbus-daemon-compatible configuration (`--config-file`), against the real binary: the
 //! `<policy>` rules and their order, the `<limit>`s, refusing a malformed file at startup,
-//! `ReloadConfig` and SIGHUP, and `--systemd-activation`. Each test starts its own broker.
+//! `ReloadConfig` and SIGHUP, and `--systemd-activation`. Each test starts its own broker. (The
+//! timeout limits, `reply_timeout` and `service_start_timeout`, are tested in virtual time, in
+//! `tests/in_process.rs`.)
 
 mod common;
 
@@ -8,7 +10,7 @@ use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
     ALLOW_ALL, Broker, RawClient, bus_config as config, error_name, member_of, wait_within,
@@ -830,33 +832,6 @@ fn a_message_with_more_fds_than_max_message_unix_fds_disconnects_its_sender() {
     assert!(sender.closed_by_broker(), "the sender was disconnected");
 }
 
-#[test]
-fn reply_timeout_answers_an_unanswered_call_with_no_reply() {
-    let broker = Broker::start_with_config(&with_limit("reply_timeout", 300));
-    let mut callee = owner_of(&broker, "org.example.Slow");
-    let mut caller = RawClient::connect(&broker.socket);
-
-    // An answered call is not touched.
-    let quick = call(&mut caller, "org.example.Slow", "Quick");
-    let got = callee.recv_until(|m| member_of(m) == "Quick");
-    answer(&mut callee, &got);
-    caller.reply_to(quick).unwrap();
-
-    let started = Instant::now();
-    let ignored = call(&mut caller, "org.example.Slow", "Ignored");
-    let err = caller.reply_to(ignored).unwrap_err();
-    assert_eq!(error_name(&err), "org.freedesktop.DBus.Error.NoReply");
-    assert!(
-        started.elapsed() >= Duration::from_millis(250),
-        "NoReply came after the timeout, not at once ({:?})",
-        started.elapsed()
-    );
-    assert_eq!(
-        err.header().sender().map(|s| s.to_string()).as_deref(),
-        Some("org.freedesktop.DBus")
-    );
-}
-
 /// A `.service` file for `name`, started by `exec`, with `extra` lines.
 fn service_file(name: &str, exec: &str, extra: &str) -> String {
     format!("[D-BUS Service]\nName={name}\nExec={exec}\n{extra}")
@@ -868,27 +843,6 @@ fn with_services(limits: &str) -> String {
         "  <policy context=\"default\">{ALLOW_ALL}\n  </policy>\n  \
          <servicedir>services</servicedir>\n  {limits}"
     ))
-}
-
-#[test]
-fn service_start_timeout_fails_a_start_that_never_takes_its_name() {
-    let service = service_file("org.example.Sleepy", "/bin/sleep 30", "");
-    let broker = Broker::start_with_config_files(
-        &with_services(r#"<limit name="service_start_timeout">300</limit>"#),
-        &[("services/org.example.Sleepy.service", &service)],
-        &[],
-    );
-    let mut caller = RawClient::connect(&broker.socket);
-    let started = Instant::now();
-    let serial = call(&mut caller, "org.example.Sleepy", "Wake");
-    let err = caller.reply_to(serial).unwrap_err();
-    assert_eq!(error_name(&err), "org.freedesktop.DBus.Error.TimedOut");
-    assert!(
-        started.elapsed() >= Duration::from_millis(250),
-        "the start failed after its timeout, not at once ({:?}): {}",
-        started.elapsed(),
-        error_text(&err)
-    );
 }
 
 #[test]

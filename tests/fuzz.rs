@@ -1049,11 +1049,8 @@ fn run_match_rule(input: &[u8]) -> Result<String, String> {
     let rule = match MatchRule::parse(&text) {
         Ok(rule) => rule,
         Err(e) => {
-            return Ok(format!(
-                "refused: {} {}",
-                e.error_name(),
-                kind_of(&e.to_string())
-            ));
+            let why = if e.too_long() { "too long" } else { "invalid" };
+            return Ok(format!("refused: {why} {}", kind_of(&e.to_string())));
         }
     };
     let printed = rule.to_string();

@@ -1,10 +1,12 @@
 //! The limits of dbus-daemon's configuration that bound what one client can make the bus hold:
 //! its messages held for a starting service (`max_incoming_bytes`), fds queued for a receiver
-//! that does not read (`max_outgoing_unix_fds`), fds sent with a message that never completes
-//! (`pending_fd_timeout`), and limits changed by `ReloadConfig`.
+//! that does not read (`max_outgoing_unix_fds`), and limits changed by `ReloadConfig`. (The
+//! timeouts, `pending_fd_timeout` and `auth_timeout`, are tested in virtual time, in
+//! `tests/in_process.rs`.)
 
 mod common;
 
+use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -155,40 +157,6 @@ fn fds_queued_for_a_receiver_that_does_not_read_stop_at_max_outgoing_unix_fds() 
 }
 
 #[test]
-fn a_message_left_half_sent_with_fds_is_disconnected_after_pending_fd_timeout() {
-    let broker = Broker::start_with_config(&open_config(
-        r#"<limit name="pending_fd_timeout">500</limit>"#,
-    ));
-    let mut client = RawClient::connect(&broker.socket);
-    // The start of a method call that declares 64 KiB of body and header fields, then nothing.
-    let partial: [u8; 17] = [
-        b'l', 1, 0, 1, 0xff, 0xff, 0, 0, 1, 2, 3, 4, 0xff, 0xff, 0, 0, 42,
-    ];
-    let file = tempfile::tempfile().unwrap();
-    let started = Instant::now();
-    client.send_with_fds(&partial, &[file.as_raw_fd()]);
-    assert!(client.closed_by_broker(), "still connected after 5 s");
-    assert!(
-        started.elapsed() >= Duration::from_millis(450),
-        "closed after {:?}, before the 500 ms timeout",
-        started.elapsed()
-    );
-    assert!(
-        broker
-            .log()
-            .contains("Unix fds have been pending for too long")
-    );
-
-    // Without fds, the same half message is not cut off by this limit.
-    let mut slow = RawClient::connect(&broker.socket);
-    std::io::Write::write_all(&mut slow.stream, &partial).unwrap();
-    assert!(
-        !readable_within(&slow, Duration::from_millis(1000)),
-        "a half-sent message without fds was cut off"
-    );
-}
-
-#[test]
 fn reload_config_puts_new_limits_in_force() {
     let broker = Broker::start_with_config(&open_config(
         r#"<limit name="max_message_size">1000000</limit>"#,
@@ -214,9 +182,11 @@ fn reload_config_puts_new_limits_in_force() {
     .unwrap();
     client.driver_call("ReloadConfig", &()).expect("reload");
     let signal = big_signal(&mut client);
-    client.send(&signal);
+    // The bus may close the connection as soon as the header shows the size, before the rest
+    // of the message is written: a write cut short by that is the outcome looked for too.
+    let cut_short = (&client.stream).write_all(signal.data().bytes()).is_err();
     assert!(
-        client.closed_by_broker(),
+        cut_short || client.closed_by_broker(),
         "a 200 kB message passed the reloaded 100 kB limit"
     );
 }
@@ -620,24 +590,6 @@ fn past_max_incomplete_connections_the_oldest_connections_of_the_flooding_uid_ar
             "flood connection {i}, one of the 49 newest, was closed"
         );
     }
-}
-
-#[test]
-fn a_connection_that_does_not_say_hello_within_auth_timeout_is_closed() {
-    let broker =
-        Broker::start_with_config(&open_config(r#"<limit name="auth_timeout">300</limit>"#));
-    let mut joined = RawClient::connect(&broker.socket);
-    let silent = UnixStream::connect(&broker.socket).unwrap();
-    let authenticated = RawClient::authenticate(&broker.socket, false);
-    assert!(
-        closed_within(&authenticated.stream, Duration::from_secs(10)),
-        "an authenticated connection without Hello is still open"
-    );
-    assert!(closed_within(&silent, Duration::from_secs(10)));
-    // The one that said Hello first is older than both, and is kept.
-    joined
-        .driver_call("GetId", &())
-        .expect("a connection that said Hello stays");
 }
 
 #[test]

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use broker::supervisor::{
     ExitKind, ProcessEvent, SpawnSpec, Supervisor, become_subreaper, children, peer_pidfd,
-    pidfd_open, wait_exit,
+    wait_exit,
 };
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, getpgid};
@@ -23,6 +23,19 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::timeout;
 
 static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A pidfd for `pid` (`pidfd_open`, Linux 5.3+): it keeps naming that one process even after its
+/// pid number is reused.
+fn pidfd_open(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid as nix::libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd, and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
 
 /// Guards against hangs only; no test depends on how fast anything is.
 const PATIENCE: Duration = Duration::from_secs(20);

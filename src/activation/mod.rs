@@ -2,18 +2,21 @@
 //! rules a start obeys (its environment, its timeout, the guard against restart loops).
 
 pub mod files;
+mod queue;
 pub mod watch;
 
-use std::borrow::Cow;
+pub use queue::{StartQueue, Started, Waiter};
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use tokio::time::Instant;
 use tracing::{debug, warn};
-use zbus::Message;
+use zbus::fdo;
 
-use crate::bus::PeerId;
+use crate::bus::error::BusError;
 use crate::supervisor::{ExitKind, SpawnError, SpawnSpec, Supervisor};
 use files::ServiceFile;
 
@@ -77,99 +80,58 @@ impl Default for StartPolicy {
     }
 }
 
-/// Someone waiting for a service to own its name.
-pub enum Waiter {
-    /// A message to deliver to the new owner.
-    Deliver { from: PeerId, msg: Message },
-    /// A `StartServiceByName` call to answer.
-    Start { from: PeerId, call: Message },
-    /// A message of the driver itself to systemd, held until systemd is on the bus; monitors
-    /// have seen it already.
-    FromDriver { msg: Message },
-}
+/// Why a start failed: the error each caller waiting for it gets.
+pub type StartFailure = BusError;
 
-impl Waiter {
-    /// The held message or call.
-    pub fn message(&self) -> &Message {
-        match self {
-            Waiter::Deliver { msg, .. } => msg,
-            Waiter::Start { call, .. } => call,
-            Waiter::FromDriver { msg } => msg,
-        }
-    }
-}
-
-/// A start in progress.
-pub struct Pending {
-    pub service: ServiceFile,
-    /// The process that was spawned.
-    pub pid: u32,
-    /// Tells this start's timer from that of an earlier start of the same name.
-    pub generation: u64,
-    /// The spawned process exited 0 before the name was taken: it may have daemonized.
-    pub daemonized: bool,
-    pub waiters: Vec<Waiter>,
-    /// The size of the messages in `waiters`.
-    pub held_bytes: usize,
-}
-
-/// Why a start failed: a D-Bus error name and its message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StartFailure {
-    pub error: Cow<'static, str>,
-    pub text: String,
-}
-
+/// The ways a start fails, with dbus-daemon's errors.
 impl StartFailure {
+    /// No activation file provides `name`.
+    fn unknown(name: &str) -> StartFailure {
+        fdo::Error::ServiceUnknown(format!(
+            "The name {name} was not provided by any .service files"
+        ))
+        .into()
+    }
+
     pub fn exec(name: &str, e: &SpawnError) -> StartFailure {
-        StartFailure {
-            error: "org.freedesktop.DBus.Error.Spawn.ExecFailed".into(),
-            text: format!("Failed to start {name}: {e}"),
-        }
+        fdo::Error::SpawnExecFailed(format!("Failed to start {name}: {e}")).into()
     }
 
     /// The spawned process ended before the name was taken.
     pub fn exited(name: &str, status: ExitKind) -> StartFailure {
-        match status {
-            ExitKind::Exited(code) => StartFailure {
-                error: "org.freedesktop.DBus.Error.Spawn.ChildExited".into(),
-                text: format!("Process {name} exited with status {code}"),
-            },
-            ExitKind::Signaled(signal, _) => StartFailure {
-                error: "org.freedesktop.DBus.Error.Spawn.ChildSignaled".into(),
-                text: format!("Process {name} received signal {signal}"),
-            },
-        }
+        let error = match status {
+            ExitKind::Exited(code) => {
+                fdo::Error::SpawnChildExited(format!("Process {name} exited with status {code}"))
+            }
+            ExitKind::Signaled(signal, _) => {
+                fdo::Error::SpawnChildSignaled(format!("Process {name} received signal {signal}"))
+            }
+        };
+        error.into()
     }
 
     pub fn daemon_died(name: &str) -> StartFailure {
-        StartFailure {
-            error: "org.freedesktop.DBus.Error.Spawn.ChildExited".into(),
-            text: format!(
-                "Process {name} exited with status 0, and no process it left behind took the name"
-            ),
-        }
+        fdo::Error::SpawnChildExited(format!(
+            "Process {name} exited with status 0, and no process it left behind took the name"
+        ))
+        .into()
     }
 
     pub fn timed_out(name: &str, after: Duration) -> StartFailure {
-        StartFailure {
-            error: "org.freedesktop.DBus.Error.TimedOut".into(),
-            text: format!(
-                "Activation of {name} timed out after {} ms",
-                after.as_millis()
-            ),
-        }
+        fdo::Error::TimedOut(format!(
+            "Activation of {name} timed out after {} ms",
+            after.as_millis()
+        ))
+        .into()
     }
 
     fn start_limit(name: &str, policy: &StartPolicy) -> StartFailure {
-        StartFailure {
-            error: "org.freedesktop.DBus.Error.Spawn.Failed".into(),
-            text: format!(
-                "{name} failed to start {} times within {} ms; not starting it again until that interval has passed",
-                policy.limit_burst,
-                policy.limit_interval.as_millis()
-            ),
-        }
+        fdo::Error::SpawnFailed(format!(
+            "{name} failed to start {} times within {} ms; not starting it again until that interval has passed",
+            policy.limit_burst,
+            policy.limit_interval.as_millis()
+        ))
+        .into()
     }
 }
 
@@ -179,7 +141,6 @@ pub struct Activation {
     /// Tells the directory watcher where the files are read from, as reloads change it.
     dirs_updates: tokio::sync::watch::Sender<Vec<PathBuf>>,
     services: BTreeMap<String, ServiceFile>,
-    pub pending: HashMap<String, Pending>,
     failures: HashMap<String, VecDeque<Instant>>,
     /// Variables set by `UpdateActivationEnvironment`.
     env_updates: BTreeMap<String, String>,
@@ -189,7 +150,6 @@ pub struct Activation {
     starter: StarterBus,
     /// `--systemd-activation`: services with `SystemdService=` are started by systemd.
     pub systemd: bool,
-    next_generation: u64,
 }
 
 impl Activation {
@@ -205,14 +165,12 @@ impl Activation {
             dirs_updates: tokio::sync::watch::Sender::new(dirs.clone()),
             dirs,
             services: BTreeMap::new(),
-            pending: HashMap::new(),
             failures: HashMap::new(),
             env_updates: BTreeMap::new(),
             policy,
             supervisor,
             starter,
             systemd: false,
-            next_generation: 1,
         }
     }
 
@@ -258,13 +216,11 @@ impl Activation {
         self.env_updates.extend(vars);
     }
 
-    /// Starts the service of `name`. The caller has checked that no start is pending.
-    pub fn start(&mut self, name: &str) -> Result<&mut Pending, StartFailure> {
+    /// Spawns the service of `name`, within the start limit: the definition it started with,
+    /// and its pid.
+    pub fn spawn(&mut self, name: &str) -> Result<(ServiceFile, u32), StartFailure> {
         let Some(service) = self.services.get(name).cloned() else {
-            return Err(StartFailure {
-                error: "org.freedesktop.DBus.Error.ServiceUnknown".into(),
-                text: format!("The name {name} was not provided by any .service files"),
-            });
+            return Err(StartFailure::unknown(name));
         };
         if self.over_start_limit(name) {
             if crate::log_limit::START_REFUSED.allow() {
@@ -276,10 +232,7 @@ impl Activation {
             return Err(StartFailure::start_limit(name, &self.policy));
         }
         let Some(supervisor) = &self.supervisor else {
-            return Err(StartFailure {
-                error: "org.freedesktop.DBus.Error.Spawn.Failed".into(),
-                text: "this bus cannot start services".into(),
-            });
+            return Err(fdo::Error::SpawnFailed("this bus cannot start services".into()).into());
         };
         let spec = SpawnSpec {
             argv: service.exec.clone(),
@@ -294,25 +247,12 @@ impl Activation {
                 return Err(StartFailure::exec(name, &e));
             }
         };
-        Ok(self.record_start(name, service, pid))
+        Ok((service, pid))
     }
 
-    /// Files a start of `name` by process `pid` (0: someone else's process) as pending.
-    fn record_start(&mut self, name: &str, service: ServiceFile, pid: u32) -> &mut Pending {
-        let generation = self.next_generation;
-        self.next_generation += 1;
-        let pending = Pending {
-            service,
-            pid,
-            generation,
-            daemonized: false,
-            waiters: Vec::new(),
-            held_bytes: 0,
-        };
-        self.pending
-            .entry(name.to_owned())
-            .insert_entry(pending)
-            .into_mut()
+    /// How long `service` may take to own its name: its file's timeout, or the bus's.
+    pub fn timeout_of(&self, service: &ServiceFile) -> Duration {
+        service.start_timeout.unwrap_or(self.policy.timeout)
     }
 
     /// The systemd unit that starts `name`, when systemd activation is on and its file names one.
@@ -323,20 +263,12 @@ impl Activation {
             .and_then(|s| s.systemd_service.as_deref())
     }
 
-    /// Records a start that someone else performs (systemd), with no process of ours: pid 0.
-    pub fn start_elsewhere(&mut self, name: &str) -> Result<&mut Pending, StartFailure> {
-        let Some(service) = self.services.get(name).cloned() else {
-            return Err(StartFailure {
-                error: "org.freedesktop.DBus.Error.ServiceUnknown".into(),
-                text: format!("The name {name} was not provided by any .service files"),
-            });
-        };
-        Ok(self.record_start(name, service, 0))
-    }
-
-    /// How long a start of this pending service may take.
-    pub fn timeout_of(&self, pending: &Pending) -> Duration {
-        pending.service.start_timeout.unwrap_or(self.policy.timeout)
+    /// The definition of `name`, for a start that someone else performs (systemd).
+    pub fn service(&self, name: &str) -> Result<ServiceFile, StartFailure> {
+        self.services
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StartFailure::unknown(name))
     }
 
     /// Records a failed start, for the start-limit guard.

@@ -16,11 +16,8 @@ use std::time::Duration;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 use tracing::{debug, warn};
-
-use crate::bus::activation::CoreEvent;
 
 /// Changes that come together (an editor's save, a package install) make one reload.
 const SETTLE: Duration = Duration::from_millis(100);
@@ -49,9 +46,13 @@ const ANCESTOR_EVENTS: AddWatchFlags = AddWatchFlags::IN_CREATE
 const MAX_ROUNDS: usize = 64;
 
 /// Starts watching the directories `dirs` holds (and follows it when a reload changes them),
-/// asking for a reload whenever the files in them may have changed. The watches are in place
-/// when this returns, so that nothing written after the first read of the files is missed.
-pub fn watch_dirs(mut dirs: watch::Receiver<Vec<PathBuf>>, events: UnboundedSender<CoreEvent>) {
+/// calling `reload` with the reason whenever the files in them may have changed, until it
+/// returns false (the bus is gone). The watches are in place when this returns, so that nothing
+/// written after the first read of the files is missed.
+pub fn watch_dirs(
+    mut dirs: watch::Receiver<Vec<PathBuf>>,
+    reload: impl Fn(&'static str) -> bool + 'static,
+) {
     let inotify = match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
         Ok(inotify) => InotifyFd(inotify),
         Err(e) => {
@@ -78,9 +79,7 @@ pub fn watch_dirs(mut dirs: watch::Receiver<Vec<PathBuf>>, events: UnboundedSend
                 batch = next_events(&fd) => {
                     let Some(batch) = batch else { return };
                     if watches.settle_and_absorb(&fd.get_ref().0, batch).await
-                        && events
-                            .send(CoreEvent::Reload("an activation directory changed"))
-                            .is_err()
+                        && !reload("an activation directory changed")
                     {
                         return;
                     }
@@ -92,9 +91,7 @@ pub fn watch_dirs(mut dirs: watch::Receiver<Vec<PathBuf>>, events: UnboundedSend
                     }
                     let targets = dirs.borrow_and_update().clone();
                     if watches.retarget(&fd.get_ref().0, targets)
-                        && events
-                            .send(CoreEvent::Reload("new activation directories are watched"))
-                            .is_err()
+                        && !reload("new activation directories are watched")
                     {
                         return;
                     }

@@ -3,65 +3,34 @@
 //! process that owns its name dies.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::time::Duration;
 
 use tracing::{debug, info, warn};
 use zbus::Message;
+use zbus::fdo::{self, StartServiceReply};
 use zbus::message::Type;
 
-use super::{Bus, PeerId, driver_signal};
-use crate::activation::{StartFailure, Waiter};
+use super::driver::messages;
+use super::events::CoreEvent;
+use super::{Bus, PeerId};
+use crate::activation::{StartFailure, Started, Waiter};
 use crate::supervisor::{self, ExitKind, ProcessEvent};
-
-/// What happens outside the message flow that the bus core must react to.
-#[derive(Debug)]
-pub enum CoreEvent {
-    /// The reaper collected a process.
-    Exited(ProcessEvent),
-    /// A start has run out of time (`generation` tells which start).
-    StartTimedOut { name: String, generation: u64 },
-    /// The process that owns the names of this connection has exited.
-    OwnerExited { peer: PeerId },
-    /// The activation files should be read again.
-    Reload(&'static str),
-    /// `reply_timeout` has passed for the call `serial` that `caller` made to `callee`.
-    ReplyTimedOut {
-        caller: PeerId,
-        serial: u32,
-        callee: PeerId,
-    },
-}
-
-/// How much the messages held for one starting service may take, so that a client cannot make
-/// the bus hold without bound what it sends to a service that is slow to start.
-const MAX_HELD_BYTES: usize = 16 << 20;
 
 impl Bus {
     /// Makes `waiter` wait for `name`'s service, starting it unless a start is in progress.
     pub fn activate(&mut self, name: &str, waiter: Waiter) {
         self.count_held(&waiter, true);
-        if let Some(pending) = self.activation.pending.get_mut(name) {
-            let size = waiter.message().data().len();
-            if pending.held_bytes + size > MAX_HELD_BYTES {
-                let failure = StartFailure {
-                    error: "org.freedesktop.DBus.Error.LimitsExceeded".into(),
-                    text: format!("Too many messages are waiting for {name} to start"),
-                };
+        if self.starts.is_starting(name) {
+            if let Err((waiter, failure)) = self.starts.wait_for(name, waiter) {
                 self.fail_waiters(vec![waiter], &failure);
-                return;
             }
-            pending.held_bytes += size;
-            pending.waiters.push(waiter);
             return;
         }
-        if self.activation.pending.len() >= self.limits.max_pending_service_starts {
-            let failure = StartFailure {
-                error: "org.freedesktop.DBus.Error.LimitsExceeded".into(),
-                text: "The maximum number of pending activations has been reached".into(),
-            };
+        if self.starts.starts_in_progress() >= self.limits.max_pending_service_starts {
+            let text = "The maximum number of pending activations has been reached";
             if crate::log_limit::START_REFUSED.allow() {
-                warn!(service = name, "start refused: {}", failure.text);
+                warn!(service = name, "start refused: {text}");
             }
+            let failure = fdo::Error::LimitsExceeded(text.into()).into();
             self.fail_waiters(vec![waiter], &failure);
             return;
         }
@@ -69,17 +38,12 @@ impl Bus {
             self.activate_via_systemd(name, waiter);
             return;
         }
-        match self.activation.start(name) {
-            Ok(pending) => {
-                pending.held_bytes = waiter.message().data().len();
-                pending.waiters.push(waiter);
-                let (generation, pid) = (pending.generation, pending.pid);
-                let timeout = pending
-                    .service
-                    .start_timeout
-                    .unwrap_or(self.activation.policy.timeout);
+        match self.activation.spawn(name) {
+            Ok((service, pid)) => {
                 info!(service = name, pid, "activating");
-                self.arm_start_timer(name, generation, timeout);
+                let timeout = self.activation.timeout_of(&service);
+                let started = self.starts.record(name, service, pid, timeout, waiter);
+                self.arm_start_timer(name, &started);
             }
             Err(failure) => self.fail_waiters(vec![waiter], &failure),
         }
@@ -123,9 +87,11 @@ impl Bus {
         }
     }
 
-    pub(super) fn arm_start_timer(&self, name: &str, generation: u64, timeout: Duration) {
+    /// After the start's timeout, the core hears of it (and ignores it if the start is over).
+    pub(super) fn arm_start_timer(&self, name: &str, started: &Started) {
         let events = self.events.clone();
         let name = name.to_owned();
+        let (generation, timeout) = (started.generation, started.timeout);
         tokio::task::spawn_local(async move {
             tokio::time::sleep(timeout).await;
             // The bus may be gone at shutdown; nothing is left to time out then.
@@ -135,12 +101,12 @@ impl Bus {
 
     /// A name got a new primary owner: if a start was waiting for it, it is complete.
     pub(super) fn name_owned(&mut self, name: &str, owner: PeerId) {
-        let Some(pending) = self.activation.pending.remove(name) else {
+        let Some(waiters) = self.starts.finish(name) else {
             return;
         };
         info!(service = name, owner = %self.unique_name(owner).unwrap_or("?"), "service took its name");
         self.watch_owner(owner);
-        for waiter in pending.waiters {
+        for waiter in waiters {
             self.count_held(&waiter, false);
             match waiter {
                 Waiter::Deliver { from, msg } => {
@@ -148,7 +114,9 @@ impl Bus {
                         self.unicast(from, msg, name, false);
                     }
                 }
-                Waiter::Start { from, call } => self.reply_start(from, &call, 1),
+                Waiter::Start { from, call } => {
+                    self.reply_start(from, &call, StartServiceReply::Success)
+                }
                 Waiter::FromDriver { msg } => {
                     self.deliver(owner, &msg);
                 }
@@ -156,11 +124,11 @@ impl Bus {
         }
     }
 
-    /// Answers `StartServiceByName` with `result` (1: started, 2: already running).
-    pub(crate) fn reply_start(&mut self, to: PeerId, call: &Message, result: u32) {
-        match crate::driver::reply(call, &(result,)) {
+    /// Answers `StartServiceByName` with `result`.
+    pub(crate) fn reply_start(&mut self, to: PeerId, call: &Message, result: StartServiceReply) {
+        match messages::reply(call, &(result,)) {
             Ok(reply) => self.send_from_driver(to, &reply),
-            Err(f) => warn!("cannot build StartServiceByName reply: {}", f.text),
+            Err(e) => warn!("cannot build StartServiceByName reply: {e}"),
         }
     }
 
@@ -182,52 +150,19 @@ impl Bus {
         tokio::task::spawn_local(watch_pidfd(pidfd, peer, events));
     }
 
-    /// Reacts to an event from outside the message flow.
-    pub fn handle_event(&mut self, event: CoreEvent) {
-        match event {
-            CoreEvent::Exited(exit) => self.process_exited(exit),
-            CoreEvent::StartTimedOut { name, generation } => {
-                self.start_timed_out(&name, generation)
-            }
-            CoreEvent::OwnerExited { peer } => self.owner_exited(peer),
-            CoreEvent::Reload(why) => {
-                info!("reloading activation files: {why}");
-                self.reload_activation();
-            }
-            CoreEvent::ReplyTimedOut {
-                caller,
-                serial,
-                callee,
-            } => self.send_no_reply(caller, serial, callee, super::NO_REPLY_TIMEOUT),
-        }
-    }
-
     /// Reads the activation files again and says so if the set of names changed.
     pub fn reload_activation(&mut self) {
         if !self.activation.reload() {
             return;
         }
-        match driver_signal("ActivatableServicesChanged", None, &()) {
-            Ok(signal) => self.broadcast(&signal),
-            Err(e) => warn!("cannot build ActivatableServicesChanged: {e}"),
-        }
+        self.activatable_services_changed();
     }
 
-    fn process_exited(&mut self, exit: ProcessEvent) {
-        let started = self
-            .activation
-            .pending
-            .iter()
-            .find(|(_, p)| p.pid == exit.pid)
-            .map(|(n, _)| n.clone());
-        if let Some(name) = started {
+    pub(super) fn process_exited(&mut self, exit: ProcessEvent) {
+        if let Some(name) = self.starts.started_by(exit.pid) {
             match exit.status {
                 // It may have daemonized; its daemon still has time to take the name.
-                ExitKind::Exited(0) => {
-                    if let Some(p) = self.activation.pending.get_mut(&name) {
-                        p.daemonized = true;
-                    }
-                }
+                ExitKind::Exited(0) => self.starts.mark_daemonized(&name),
                 status => self.fail_start(&name, StartFailure::exited(&name, status)),
             }
         }
@@ -246,13 +181,7 @@ impl Bus {
     /// are all descendants of the broker (it is their subreaper), so whatever is left of them
     /// shows up among the broker's direct children.
     fn check_daemonized_starts(&mut self) {
-        let daemonized: Vec<String> = self
-            .activation
-            .pending
-            .iter()
-            .filter(|(_, p)| p.daemonized)
-            .map(|(n, _)| n.clone())
-            .collect();
+        let daemonized = self.starts.daemonized_starts();
         if daemonized.is_empty() {
             return;
         }
@@ -264,10 +193,7 @@ impl Bus {
             }
         };
         let accounted_for = |pid: &u32| {
-            self.activation
-                .pending
-                .values()
-                .any(|p| !p.daemonized && p.pid == *pid)
+            self.starts.is_starting_process(*pid)
                 || self
                     .peers
                     .values()
@@ -281,36 +207,25 @@ impl Bus {
         }
     }
 
-    fn start_timed_out(&mut self, name: &str, generation: u64) {
-        let Some(pending) = self
-            .activation
-            .pending
-            .get(name)
-            .filter(|p| p.generation == generation)
-        else {
-            return;
-        };
-        let timeout = self.activation.timeout_of(pending);
-        stop_start(pending);
-        self.fail_start(name, StartFailure::timed_out(name, timeout));
+    pub(super) fn start_timed_out(&mut self, name: &str, generation: u64) {
+        if let Some(timeout) = self.starts.stop_timed_out(name, generation) {
+            self.fail_start(name, StartFailure::timed_out(name, timeout));
+        }
     }
 
     /// At shutdown: stops the starts still in progress. Running services end on their own when
     /// their connection closes; a service still starting has none yet.
     pub fn stop_pending_starts(&mut self) {
-        for (name, pending) in &self.activation.pending {
-            info!(service = %name, pid = pending.pid, "stopping a start in progress");
-            stop_start(pending);
-        }
+        self.starts.stop_all();
     }
 
     pub(super) fn fail_start(&mut self, name: &str, failure: StartFailure) {
-        let Some(pending) = self.activation.pending.remove(name) else {
+        let Some(waiters) = self.starts.finish(name) else {
             return;
         };
-        warn!(service = name, "start failed: {}", failure.text);
+        warn!(service = name, "start failed: {failure}");
         self.activation.note_failure(name);
-        self.fail_waiters(pending.waiters, &failure);
+        self.fail_waiters(waiters, &failure);
     }
 
     pub(super) fn fail_waiters(&mut self, waiters: Vec<Waiter>, failure: &StartFailure) {
@@ -322,32 +237,23 @@ impl Bus {
                 Waiter::FromDriver { .. } => continue,
             };
             match msg.message_type() {
-                Type::MethodCall => self.reply_error(from, &msg, &failure.error, &failure.text),
+                Type::MethodCall => self.reply_error(from, &msg, failure.clone()),
                 // dbus-daemon tells the sender of a held signal too, whatever its flags say.
-                Type::Signal => match super::driver_error(&msg, &failure.error, &failure.text) {
+                Type::Signal => match messages::error(&msg, failure) {
                     Ok(error) => self.send_from_driver(from, &error),
-                    Err(e) => warn!("cannot build {}: {e}", failure.error),
+                    Err(e) => warn!("cannot build {}: {e}", failure.name()),
                 },
                 Type::MethodReturn | Type::Error => {}
             }
         }
     }
 
-    fn owner_exited(&mut self, peer: PeerId) {
+    pub(super) fn owner_exited(&mut self, peer: PeerId) {
         let Some(p) = self.peers.get(&peer) else {
             return;
         };
         info!(peer = %p.unique, pid = p.creds.pid, "the process that owned this connection's names exited; dropping the connection");
         self.disconnect(peer);
-    }
-}
-
-/// SIGTERM to what is left of a start: the service runs in a process group of its own (pid 0:
-/// systemd started it, not us).
-fn stop_start(pending: &crate::activation::Pending) {
-    if pending.pid != 0 {
-        let group = nix::unistd::Pid::from_raw(-(pending.pid as i32));
-        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGTERM);
     }
 }
 

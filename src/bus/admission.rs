@@ -18,7 +18,7 @@ use std::rc::Rc;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::PeerId;
+use crate::connection::PeerId;
 
 /// One incomplete connection's place in the count.
 pub struct Ticket {

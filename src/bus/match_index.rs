@@ -5,7 +5,7 @@ use std::hash::{Hash, Hasher};
 
 use rustc_hash::{FxHashMap as HashMap, FxHasher};
 
-use super::PeerId;
+use crate::connection::PeerId;
 
 /// Peers filed under a hash of (interface, member) of each of their rules; a rule without one
 /// of them is filed under `None` for it. A lookup reads the four buckets a message can fall in.
@@ -50,7 +50,7 @@ impl MatchIndex {
 
     /// Gives back the room of a table that a peak of rules left mostly empty.
     pub fn shrink(&mut self) {
-        super::shrink_map(&mut self.buckets);
+        super::memory::shrink_map(&mut self.buckets);
     }
 
     /// The peers with a rule that could match a message of this interface and member, each once.

@@ -3,14 +3,14 @@
 //! is not [`Policy::allows_all_messages`](crate::config::Policy::allows_all_messages).
 
 use tracing::{debug, info, warn};
-use zbus::Message;
 use zbus::message::{Header, Type};
+use zbus::{Message, fdo};
 
+use super::driver::messages;
+use super::error::BusError;
 use super::{Bus, Credentials, DRIVER, PeerId};
 use crate::config::{MessageFacts, Party, Verdict};
 use crate::log_limit;
-
-const ACCESS_DENIED: &str = "org.freedesktop.DBus.Error.AccessDenied";
 
 /// Which way a message crossed the policy when it was refused.
 #[derive(Clone, Copy)]
@@ -39,11 +39,11 @@ impl Bus {
     }
 
     /// Counts peer `id` of `uid`, which `Hello` completes, within `max_completed_connections`
-    /// and `max_connections_per_user` (past them, the `LimitsExceeded` text, as dbus-daemon
-    /// answers `Hello`); it no longer counts as incomplete. For the bus's user and root,
+    /// and `max_connections_per_user` (past them, `LimitsExceeded`, as dbus-daemon answers
+    /// `Hello`); it no longer counts as incomplete. For the bus's user and root,
     /// `max_completed_connections` counts only their own connections: other users that the
     /// policy lets in cannot use up the places of the bus's owner.
-    pub fn complete_connection(&mut self, id: PeerId, uid: u32) -> Result<(), String> {
+    pub fn complete_connection(&mut self, id: PeerId, uid: u32) -> Result<(), BusError> {
         let privileged = |u: u32| u == self.owner_uid || u == 0;
         let completed: usize = self
             .completed_by_uid
@@ -52,15 +52,17 @@ impl Bus {
             .map(|(_, count)| count)
             .sum();
         if completed >= self.limits.max_completed_connections {
-            return Err(format!(
+            return Err(fdo::Error::LimitsExceeded(format!(
                 "The maximum number of active connections ({completed}) has been reached"
-            ));
+            ))
+            .into());
         }
         let of_user = self.completed_by_uid.entry(uid).or_default();
         if *of_user >= self.limits.max_connections_per_user {
-            return Err(format!(
+            return Err(fdo::Error::LimitsExceeded(format!(
                 "The maximum number of active connections for UID {uid} ({of_user}) has been reached"
-            ));
+            ))
+            .into());
         }
         *of_user += 1;
         self.admission.complete(id);
@@ -223,7 +225,7 @@ impl Bus {
             self.unique_name(to).unwrap_or("(unset)"),
         );
         debug!("{text}");
-        match super::driver_error(msg, ACCESS_DENIED, &text) {
+        match messages::error(msg, &fdo::Error::AccessDenied(text).into()) {
             Ok(error) => self.copy_to_monitors(&error),
             Err(e) => warn!("cannot build AccessDenied: {e}"),
         }
@@ -326,7 +328,7 @@ impl Bus {
         }
         // Like dbus-daemon, any refused message is answered, even a signal (which libdbus
         // flags as expecting no reply): the sender learns why it went nowhere.
-        match super::driver_error(msg, ACCESS_DENIED, &text) {
+        match messages::error(msg, &fdo::Error::AccessDenied(text).into()) {
             Ok(error) => self.send_from_driver(from, &error),
             Err(e) => warn!("cannot build AccessDenied: {e}"),
         }

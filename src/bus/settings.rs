@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::{Bus, Limits, driver_signal};
+use super::{Bus, Limits};
 use crate::activation::files;
 use crate::config::{Policy, SYSTEM_SERVICEDIRS};
 
@@ -48,10 +48,7 @@ impl Bus {
         };
         info!("configuration reloaded");
         if self.apply_settings(settings) {
-            match driver_signal("ActivatableServicesChanged", None, &()) {
-                Ok(signal) => self.broadcast(&signal),
-                Err(e) => warn!("cannot build ActivatableServicesChanged: {e}"),
-            }
+            self.activatable_services_changed();
         }
         Ok(())
     }

@@ -5,14 +5,13 @@
 
 use tracing::{info, warn};
 use zbus::Message;
-use zbus::message::Flags;
 
-use super::{Bus, DRIVER, DRIVER_PATH, PeerId};
+use super::driver::messages::{self, ACTIVATOR};
+use super::{Bus, PeerId};
 use crate::activation::{StartFailure, Waiter};
 
 /// systemd's name on the bus.
 pub const SYSTEMD: &str = "org.freedesktop.systemd1";
-const ACTIVATOR: &str = "org.freedesktop.systemd1.Activator";
 
 impl Bus {
     /// Whether systemd starts `name` (or `name` is systemd itself, which nobody starts: the bus
@@ -24,13 +23,12 @@ impl Bus {
     /// Makes `waiter` wait for `name`, and asks systemd to start its unit.
     pub(super) fn activate_via_systemd(&mut self, name: &str, waiter: Waiter) {
         let unit = self.activation.systemd_unit(name).map(str::to_owned);
-        match self.activation.start_elsewhere(name) {
-            Ok(pending) => {
-                pending.waiters.push(waiter);
-                let generation = pending.generation;
-                let own_timeout = pending.service.start_timeout;
-                let timeout = own_timeout.unwrap_or(self.activation.policy.timeout);
-                self.arm_start_timer(name, generation, timeout);
+        // Someone else's process: pid 0.
+        match self.activation.service(name) {
+            Ok(service) => {
+                let timeout = self.activation.timeout_of(&service);
+                let started = self.starts.record(name, service, 0, timeout, waiter);
+                self.arm_start_timer(name, &started);
             }
             Err(failure) => {
                 self.fail_waiters(vec![waiter], &failure);
@@ -41,11 +39,7 @@ impl Bus {
             return;
         };
         info!(service = name, unit, "asking systemd to start the service");
-        let request = Message::signal(DRIVER_PATH, ACTIVATOR, "ActivationRequest")
-            .sender(DRIVER)
-            .destination(SYSTEMD)
-            .build(&(unit.as_str(),));
-        match request {
+        match messages::activation_request(SYSTEMD, &unit) {
             Ok(request) => self.send_to_systemd(request),
             Err(e) => warn!("cannot build ActivationRequest: {e}"),
         }
@@ -64,13 +58,7 @@ impl Bus {
             .unwrap_or(SYSTEMD)
             .to_owned();
         let assignments: Vec<String> = vars.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let call = Message::method_call("/org/freedesktop/systemd1", "SetEnvironment")
-            .interface("org.freedesktop.systemd1.Manager")
-            .destination(destination.as_str())
-            .sender(DRIVER)
-            .with_flags(Flags::NO_REPLY_EXPECTED)
-            .build(&(assignments,));
-        match call {
+        match messages::set_environment(&destination, &assignments) {
             Ok(call) => self.send_to_systemd(call),
             Err(e) => warn!("cannot build SetEnvironment for systemd: {e}"),
         }
@@ -109,26 +97,16 @@ impl Bus {
             warn!("ignoring an ActivationFailure signal with the wrong arguments");
             return;
         };
-        if zbus::names::ErrorName::try_from(error.as_str()).is_err() {
+        let Ok(error) = zbus::names::OwnedErrorName::try_from(error.as_str()) else {
             warn!(
                 unit,
                 "ignoring an ActivationFailure with the invalid error name {error:?}"
             );
             return;
-        }
+        };
         // systemd names the unit; every start waiting for that unit fails.
-        let names: Vec<String> = self
-            .activation
-            .pending
-            .iter()
-            .filter(|(_, p)| p.service.systemd_service.as_deref() == Some(unit.as_str()))
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in names {
-            let failure = StartFailure {
-                error: error.clone().into(),
-                text: text.clone(),
-            };
+        for name in self.starts.starts_of_unit(&unit) {
+            let failure = StartFailure::foreign(error.clone(), text.clone());
             self.fail_start(&name, failure);
         }
     }

@@ -10,8 +10,8 @@ use roxmltree::{Document, Node, ParsingOptions};
 use tracing::{debug, warn};
 use zbus::message::Type;
 
+use super::model::{Config, ConfigError, SYSTEM_SERVICEDIRS};
 use super::policy::{self, MessageRule, NameMatch, Rule, RuleKind};
-use super::{Config, ConfigError, SYSTEM_SERVICEDIRS};
 
 /// Attributes a rule may carry.
 const RULE_ATTRIBUTES: [&str; 24] = [

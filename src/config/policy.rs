@@ -21,15 +21,15 @@ pub const MAX_MESSAGE_UNIX_FDS: u32 = 1 << 25;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
     /// Rules of `context="default"` policies, in file order.
-    pub default: Vec<Rule>,
+    pub(super) default: Vec<Rule>,
     /// Rules of `group="..."` policies, by group id, in file order.
-    pub groups: BTreeMap<u32, Vec<Rule>>,
+    pub(super) groups: BTreeMap<u32, Vec<Rule>>,
     /// Rules of `user="..."` policies, by user id, in file order.
-    pub users: BTreeMap<u32, Vec<Rule>>,
+    pub(super) users: BTreeMap<u32, Vec<Rule>>,
     /// Rules of `at_console="false"` policies, which apply to everyone.
-    pub not_at_console: Vec<Rule>,
+    pub(super) not_at_console: Vec<Rule>,
     /// Rules of `context="mandatory"` policies, in file order.
-    pub mandatory: Vec<Rule>,
+    pub(super) mandatory: Vec<Rule>,
 }
 
 /// One `<allow>` or `<deny>` element.

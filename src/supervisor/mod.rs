@@ -19,20 +19,19 @@
 //! Everything here runs on the bus's single-threaded runtime; [`Supervisor`]
 //! is deliberately not `Send`.
 
+mod reaper;
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use nix::libc;
-use nix::sys::signal::Signal;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader, Interest};
 use tokio::net::unix::pipe;
@@ -40,44 +39,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+pub use reaper::{ExitKind, ProcessEvent};
+use reaper::{ReaperGuard, reap_forever};
+
 /// Marks this process a child subreaper (`PR_SET_CHILD_SUBREAPER`), so
 /// orphaned descendants are re-parented to it rather than to init.
 pub fn become_subreaper() -> io::Result<()> {
     nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
-}
-
-/// How a process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitKind {
-    /// It exited with this status.
-    Exited(i32),
-    /// It was killed by this signal number; `true` if it dumped core.
-    Signaled(i32, bool),
-}
-
-impl fmt::Display for ExitKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            ExitKind::Exited(code) => write!(f, "exited with status {code}"),
-            ExitKind::Signaled(signal, core) => {
-                write!(f, "killed by signal {signal}")?;
-                if let Ok(name) = Signal::try_from(signal) {
-                    write!(f, " ({name})")?;
-                }
-                if core {
-                    write!(f, ", core dumped")?;
-                }
-                Ok(())
-            }
-        }
-    }
-}
-
-/// A reaped process: one the supervisor spawned or one re-parented to us.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProcessEvent {
-    pub pid: u32,
-    pub status: ExitKind,
 }
 
 /// What to execute.
@@ -235,21 +203,6 @@ pub fn peer_pidfd(socket: BorrowedFd<'_>) -> Option<OwnedFd> {
         .ok()
 }
 
-/// A pidfd for `pid` (`pidfd_open`, Linux 5.3+). It keeps naming that one
-/// process even after its pid number is reused.
-pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    let pid = libc::pid_t::try_from(pid)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(fd).map_err(io::Error::other)?;
-    // SAFETY: the kernel just returned this fd, and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// Resolves once the process behind `pidfd` has exited (a pidfd polls
 /// readable then), whether or not it is our child.
 ///
@@ -262,90 +215,6 @@ pub async fn wait_exit(pidfd: &OwnedFd) -> io::Result<()> {
     // Readiness is never cleared: an exited process stays readable.
     fd.readable().await?.retain_ready();
     Ok(())
-}
-
-// ---------------------------------------------------------------------------
-// The reaper.
-
-/// Set while a reaper runs: two `waitpid(-1)` loops would steal each other's
-/// statuses.
-static REAPER_RUNNING: AtomicBool = AtomicBool::new(false);
-
-/// Holds [`REAPER_RUNNING`]; owned by the reaper task, released when that
-/// task ends or is dropped with its runtime.
-struct ReaperGuard;
-
-impl ReaperGuard {
-    fn acquire() -> io::Result<ReaperGuard> {
-        if REAPER_RUNNING.swap(true, Ordering::SeqCst) {
-            return Err(io::Error::other(
-                "a reaper is already running in this process",
-            ));
-        }
-        Ok(ReaperGuard)
-    }
-}
-
-impl Drop for ReaperGuard {
-    fn drop(&mut self) {
-        REAPER_RUNNING.store(false, Ordering::SeqCst);
-    }
-}
-
-async fn reap_forever(
-    mut sigchld: tokio::signal::unix::Signal,
-    services: Rc<RefCell<HashMap<u32, Rc<str>>>>,
-    events: mpsc::UnboundedSender<ProcessEvent>,
-    _guard: ReaperGuard,
-) {
-    loop {
-        // Signals coalesce, so each wake-up reaps until nothing is left.
-        while let Some(event) = reap_one() {
-            let service = services.borrow_mut().remove(&event.pid);
-            match service {
-                Some(service) => {
-                    info!(service = %service, pid = event.pid, status = %event.status, "service process ended")
-                }
-                None => info!(pid = event.pid, status = %event.status, "adopted process ended"),
-            }
-            // Nobody listening is no reason to stop reaping.
-            let _ = events.send(event);
-        }
-        if sigchld.recv().await.is_none() {
-            return;
-        }
-    }
-}
-
-/// Reaps one ended child without blocking; `None` when none is left to reap.
-///
-/// Uses `waitpid` directly: nix's decoding fails on real-time signals,
-/// which would lose the pid of a process already reaped.
-fn reap_one() -> Option<ProcessEvent> {
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid only writes the status integer we pass.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid < 0 {
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::ECHILD) => {}
-                _ => warn!(error = %err, "waitpid failed"),
-            }
-            return None;
-        }
-        let pid = u32::try_from(pid).ok().filter(|&pid| pid != 0)?;
-        let status = if libc::WIFEXITED(status) {
-            ExitKind::Exited(libc::WEXITSTATUS(status))
-        } else if libc::WIFSIGNALED(status) {
-            ExitKind::Signaled(libc::WTERMSIG(status), libc::WCOREDUMP(status))
-        } else {
-            // Stopped or continued (only seen for ptraced children): not an end.
-            continue;
-        };
-        return Some(ProcessEvent { pid, status });
-    }
 }
 
 // ---------------------------------------------------------------------------

@@ -1,70 +1,37 @@
-//! The D-Bus wire format at the level the bus needs it: cutting a byte stream into whole
-//! messages (with the file descriptors that came along), checking each one once, and writing
-//! queued messages out with vectored `sendmsg` calls.
+//! Cutting a connection's incoming bytes into whole messages, with the file descriptors that
+//! came along, each checked once and stamped with the connection's name as it is copied.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, IoSliceMut};
-use std::ops::Range;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::IoSliceMut;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
-use tracing::debug;
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use zbus::Message;
 use zbus::names::UniqueName;
+use zbus::wire::Endian;
 use zbus::wire::serialized::{Context, Data};
-use zbus::wire::{Endian, Signature};
 
-/// The largest message the specification allows (128 MiB).
-pub const MAX_MESSAGE_SIZE: usize = 1 << 27;
-/// The longest array the specification allows (64 MiB), the header-field array included.
-pub const MAX_ARRAY_LEN: usize = 1 << 26;
-/// The fixed part of the header plus the length of the header-field array.
-const FIXED_HEADER: usize = 16;
+use super::check::{Stamped, check_body, stamp};
+use super::limits::{FrameLimits, MAX_ARRAY_LEN, MAX_MESSAGE_SIZE, WireError, invalid};
+use super::raw::{FIXED_HEADER, Raw};
+
 /// How many bytes one read takes at most.
 const READ_CHUNK: usize = 128 * 1024;
 /// How many file descriptors one read can carry.
 const MAX_FDS_PER_READ: usize = 64;
-
-/// Why a connection's byte stream cannot be read as messages.
-#[derive(Debug)]
-pub enum WireError {
-    Io(io::Error),
-    /// The peer closed the connection.
-    Closed,
-    /// The bytes are not a valid message; the text says why.
-    Invalid(String),
-}
-
-impl std::fmt::Display for WireError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            WireError::Io(e) => write!(f, "I/O error: {e}"),
-            WireError::Closed => f.write_str("connection closed by peer"),
-            WireError::Invalid(why) => write!(f, "invalid message: {why}"),
-        }
-    }
-}
-
-fn invalid(why: impl Into<String>) -> WireError {
-    WireError::Invalid(why.into())
-}
+/// How far ahead of the bytes received a large message's buffer is zeroed (see [`LargeFrame`]).
+const LARGE_STEP: usize = 1 << 20;
 
 /// The total length of the message whose first 16 bytes are `head`.
 fn frame_len(head: &[u8], max_size: usize) -> Result<usize, WireError> {
-    let endian = match head[0] {
-        b'l' => Endian::Little,
-        b'B' => Endian::Big,
-        other => return Err(invalid(format!("bad endianness byte {other:#04x}"))),
+    let raw = Raw::of_message(head).ok_or_else(|| {
+        let byte = head.first().copied().unwrap_or(0);
+        invalid(format!("bad endianness byte {byte:#04x}"))
+    })?;
+    let (Some(body), Some(fields)) = (raw.u32_at(4), raw.u32_at(12)) else {
+        return Err(invalid("the fixed header is cut short"));
     };
-    let u32_at = |at: usize| {
-        let b = [head[at], head[at + 1], head[at + 2], head[at + 3]];
-        match endian {
-            Endian::Little => u32::from_le_bytes(b),
-            Endian::Big => u32::from_be_bytes(b),
-        }
-    };
-    let body = u32_at(4) as usize;
-    let fields = u32_at(12) as usize;
+    let (body, fields) = (body as usize, fields as usize);
     // Refused as soon as the fixed header is in: waiting for the bytes of a header that can never
     // be valid would hold the connection (and its buffer) for nothing.
     if fields > MAX_ARRAY_LEN {
@@ -90,6 +57,9 @@ pub struct FrameReader {
     /// The start of a message not yet complete. Empty between messages, so an idle connection
     /// holds no buffer.
     partial: Vec<u8>,
+    /// A message too large for one read, while it is read straight into a buffer of its own;
+    /// `partial` is empty meanwhile.
+    large: Option<LargeFrame>,
     /// File descriptors received and not yet claimed by a message.
     fds: VecDeque<OwnedFd>,
     /// The connection's unique name, stamped into each message's header as it is copied.
@@ -102,6 +72,7 @@ impl FrameReader {
     pub fn new(sender: String, leftover: Vec<u8>) -> FrameReader {
         FrameReader {
             partial: leftover,
+            large: None,
             fds: VecDeque::new(),
             sender,
         }
@@ -123,7 +94,11 @@ impl FrameReader {
         out: &mut Vec<Message>,
     ) -> Result<bool, WireError> {
         if let Some(missing) = self.missing_bytes(limits)?.filter(|&m| m > READ_CHUNK) {
-            return self.read_large(fd, missing, limits, out);
+            let start = std::mem::take(&mut self.partial);
+            self.large = Some(LargeFrame::new(start, missing));
+        }
+        if self.large.is_some() {
+            return self.read_large(fd, limits, out);
         }
         scratch.resize(READ_CHUNK, 0);
         let fds_before = self.fds.len();
@@ -142,26 +117,24 @@ impl FrameReader {
         Ok(Some(total.saturating_sub(self.partial.len())))
     }
 
-    /// Reads the rest of a large message straight into its buffer, saving a copy of each byte.
+    /// Reads more of a large message straight into its buffer, saving a copy of each byte.
     fn read_large(
         &mut self,
         fd: RawFd,
-        missing: usize,
         limits: &FrameLimits,
         out: &mut Vec<Message>,
     ) -> Result<bool, WireError> {
-        self.partial.reserve_exact(missing);
-        let spare = &mut self.partial.spare_capacity_mut()[..missing];
-        // SAFETY: the kernel only writes into this memory; the bytes it reports are then set.
-        let buf = unsafe { &mut *(spare as *mut [std::mem::MaybeUninit<u8>] as *mut [u8]) };
+        let Some(large) = self.large.as_mut() else {
+            return Ok(false);
+        };
+        let space = large.space();
+        let wanted = space.len();
         let fds_before = self.fds.len();
-        let n = recv(fd, buf, &mut self.fds)?;
-        // SAFETY: `recv` initialized `n` bytes past the old length, within the reserved capacity.
-        unsafe { self.partial.set_len(self.partial.len() + n) };
-        let drained = n < missing && self.fds.len() == fds_before;
-        if n == missing {
-            let whole = std::mem::take(&mut self.partial);
-            out.push(self.parse(&whole, limits)?);
+        let n = recv(fd, space, &mut self.fds)?;
+        large.filled += n;
+        let drained = n < wanted && self.fds.len() == fds_before;
+        if let Some(whole) = self.large.take_if(|large| large.filled == large.total) {
+            out.push(self.parse(&whole.buf, limits)?);
         }
         Ok(drained)
     }
@@ -237,7 +210,8 @@ impl FrameReader {
         fds: Vec<OwnedFd>,
     ) -> Result<Message, WireError> {
         let data = Data::new_fds(bytes.to_vec(), Context::new(endian, 0), fds);
-        // SAFETY: `from_bytes` checks the header itself; the body is checked by the caller.
+        // SAFETY: `from_bytes` checks the header itself; the body is checked by `parse`, the
+        // only caller, right after, before anything reads it.
         let msg = match unsafe { Message::from_bytes(data.clone()) } {
             Ok(msg) => msg,
             Err(e) => crate::header_filter::without_unknown_fields(&data)
@@ -252,12 +226,14 @@ impl FrameReader {
     /// Checks one whole message, stamped with the connection's name as it is copied: header, then
     /// body against its signature.
     fn parse(&mut self, bytes: &[u8], limits: &FrameLimits) -> Result<Message, WireError> {
-        let endian = if bytes[0] == b'B' {
-            Endian::Big
-        } else {
-            Endian::Little
-        };
-        let nfds = declared_fds(bytes, endian);
+        // `frame_len` has read the endianness byte already.
+        let raw = Raw::of_message(bytes).ok_or_else(|| invalid("bad endianness byte"))?;
+        let endian = raw.endian();
+        // The stamp is pure: made before the fd checks, it is only wasted on a refused message.
+        let Stamped {
+            bytes: stamped,
+            fds: nfds,
+        } = stamp(raw, &self.sender);
         if nfds > limits.max_fds {
             return Err(invalid(format!(
                 "message carries {nfds} file descriptors, more than {}",
@@ -271,8 +247,7 @@ impl FrameReader {
             )));
         }
         let fds: Vec<OwnedFd> = self.fds.drain(..nfds).collect();
-        let stamped =
-            stamp(bytes, endian, &self.sender).filter(|b| b.len() <= limits.max_message_size);
+        let stamped = stamped.filter(|b| b.len() <= limits.max_message_size);
         let msg = match stamped {
             // SAFETY: `from_bytes` checks the header itself; the body is checked right below,
             // before anything reads it.
@@ -287,151 +262,39 @@ impl FrameReader {
     }
 }
 
-/// Checks the body against its signature. A Unix fd handle that points past the fds the message
-/// brought is let through, as dbus-daemon and dbus-broker let it through, for the receiver to
-/// refuse (dbus-python's tests count on it); everything else about the body must be valid.
-fn check_body(msg: &Message) -> Result<(), WireError> {
-    let bad_body = |e: zbus::Error| invalid(format!("bad body: {e}"));
-    match msg.body().validate() {
-        Ok(()) => Ok(()),
-        Err(zbus::Error::UnknownFd) => {
-            let copy = with_handles_as_u32(msg).ok_or_else(|| bad_body(zbus::Error::UnknownFd))?;
-            copy.body().validate().map_err(bad_body)?;
-            debug!(
-                sender = ?msg.header().sender(),
-                "passing on a message whose fd handles point past the fds it brought"
-            );
-            Ok(())
-        }
-        Err(e) => Err(bad_body(e)),
-    }
+/// A message that one read cannot take whole, read straight into a buffer of its own, which
+/// saves a copy of each byte. Every byte handed to `recvmsg` must be initialised memory (a
+/// `&mut [u8]` over spare capacity would not be sound), so the buffer is zeroed ahead of the
+/// reads, [`LARGE_STEP`] bytes at a time: each byte is zeroed once, not once per read, and a
+/// peer that stalls mid-message costs at most one step more than it has sent.
+struct LargeFrame {
+    /// The message so far: `filled` bytes received, then zeros up to `buf.len()`.
+    buf: Vec<u8>,
+    filled: usize,
+    /// The length of the whole message.
+    total: usize,
 }
 
-/// A copy of `msg` in which every UNIX_FD type code of its signatures (the body's, and each
-/// variant's in the body) reads UINT32, which is laid out the same way, and which declares no
-/// fds: the validator then checks all of the body but the fd indexes. `None` if the body
-/// cannot be walked, when the validator would refuse it anyway. (A header that kept an undefined
-/// field of a type [`walk_fields`] cannot read may hide the SIGNATURE field from it: such a rare
-/// message stays refused, as before.)
-fn with_handles_as_u32(msg: &Message) -> Option<Message> {
-    let bytes = msg.data().bytes();
-    let endian = msg.data().context().endian();
-    let body_start = bytes.len().checked_sub(msg.body().len())?;
-    let mut walk = VariantSignatures {
-        body: bytes.get(body_start..)?,
-        endian,
-        found: Vec::new(),
-    };
-    walk.value(msg.body().signature(), 0, 0)?;
-    let mut copy = bytes.to_vec();
-    let mut signatures: Vec<Range<usize>> = walk
-        .found
-        .iter()
-        .map(|sig| body_start + sig.start..body_start + sig.end)
-        .collect();
-    let mut fds_value = None;
-    walk_fields(bytes, endian, |code, _, field| {
-        match code {
-            // Code, signature "g", then the length byte, the signature and its 0.
-            SIGNATURE_FIELD => signatures.push(field.start + 5..field.end - 1),
-            // Code, signature "u", then the value, 8-aligned with the field.
-            UNIX_FDS_FIELD => fds_value = Some(field.start + 4..field.end),
-            _ => {}
+impl LargeFrame {
+    /// A frame whose first bytes are `start`, `missing` bytes short of whole.
+    fn new(mut start: Vec<u8>, missing: usize) -> LargeFrame {
+        let filled = start.len();
+        start.reserve_exact(missing);
+        LargeFrame {
+            buf: start,
+            filled,
+            total: filled + missing,
         }
-        true
-    });
-    for range in signatures {
-        copy.get_mut(range)?
-            .iter_mut()
-            .filter(|code| **code == b'h')
-            .for_each(|code| *code = b'u');
     }
-    if let Some(range) = fds_value {
-        copy.get_mut(range)?.fill(0);
-    }
-    // SAFETY: `from_bytes` checks the header; the caller validates the body before trusting it.
-    unsafe { Message::from_bytes(Data::new(copy, Context::new(endian, 0))) }.ok()
-}
 
-/// Containers nested deeper than this end the walk (the validator refuses more than 64).
-const MAX_WALK_DEPTH: usize = 128;
-
-/// Finds where the signature of each variant of a body is, by walking the body's values by its
-/// signature. The walk reads only the lengths it needs; the validator checks the rest.
-struct VariantSignatures<'b> {
-    body: &'b [u8],
-    endian: Endian,
-    /// The byte ranges of the variants' signatures, in the body.
-    found: Vec<Range<usize>>,
-}
-
-impl VariantSignatures<'_> {
-    /// Walks the value of type `sig` at `pos` (before its alignment); returns where it ends.
-    fn value(&mut self, sig: &Signature, pos: usize, depth: usize) -> Option<usize> {
-        if depth > MAX_WALK_DEPTH || sig.contains_maybe() {
-            return None;
+    /// The initialised bytes that the next read may fill, zeroing the next step first when
+    /// the last one is full.
+    fn space(&mut self) -> &mut [u8] {
+        if self.filled == self.buf.len() {
+            let step = (self.total - self.filled).min(LARGE_STEP);
+            self.buf.resize(self.filled + step, 0);
         }
-        let pos = pos.checked_next_multiple_of(sig.alignment_dbus())?;
-        let end = match sig {
-            Signature::Unit => pos,
-            Signature::Str | Signature::ObjectPath => {
-                let len = u32_at(self.body, pos, self.endian)? as usize;
-                pos.checked_add(len)?.checked_add(5)?
-            }
-            Signature::Signature => pos.checked_add(usize::from(*self.body.get(pos)?) + 2)?,
-            Signature::Variant => self.variant(pos, depth)?,
-            Signature::Array(element) => {
-                let inside = element.to_string().contains('v');
-                self.array(pos, element.alignment_dbus(), inside, |walk, at| {
-                    walk.value(element, at, depth + 1)
-                })?
-            }
-            Signature::Dict { key, value } => {
-                let inside = value.to_string().contains('v');
-                self.array(pos, 8, inside, |walk, at| {
-                    let at = walk.value(key, at.checked_next_multiple_of(8)?, depth + 1)?;
-                    walk.value(value, at, depth + 1)
-                })?
-            }
-            Signature::Structure(fields) => fields
-                .iter()
-                .try_fold(pos, |at, field| self.value(field, at, depth + 1))?,
-            // The fixed-size basic types are as long as they are aligned.
-            fixed => pos.checked_add(fixed.alignment_dbus())?,
-        };
-        (end <= self.body.len()).then_some(end)
-    }
-
-    /// A variant at `pos`: its signature (recorded), then its value.
-    fn variant(&mut self, pos: usize, depth: usize) -> Option<usize> {
-        let start = pos.checked_add(1)?;
-        let sig = start..start.checked_add(usize::from(*self.body.get(pos)?))?;
-        let inner = Signature::from_bytes(self.body.get(sig.clone())?).ok()?;
-        let value_at = sig.end.checked_add(1)?;
-        self.found.push(sig);
-        self.value(&inner, value_at, depth + 1)
-    }
-
-    /// An array at `pos` (4-aligned) whose first element is aligned to `align`; its elements are
-    /// walked with `element` only when they can hold a variant (`inside`), and skipped otherwise.
-    fn array(
-        &mut self,
-        pos: usize,
-        align: usize,
-        inside: bool,
-        element: impl Fn(&mut Self, usize) -> Option<usize>,
-    ) -> Option<usize> {
-        let len = u32_at(self.body, pos, self.endian)? as usize;
-        let first = pos.checked_add(4)?.checked_next_multiple_of(align)?;
-        let end = first.checked_add(len)?;
-        let mut at = first;
-        while inside && at < end {
-            let next = element(self, at)?;
-            // Every element takes at least a byte: no walk can stall.
-            (next > at).then_some(())?;
-            at = next;
-        }
-        (end <= self.body.len()).then_some(end)
+        &mut self.buf[self.filled..]
     }
 }
 
@@ -467,238 +330,6 @@ fn recv(
         return Err(WireError::Closed);
     }
     Ok(n)
-}
-
-/// Header field codes the reader looks at before the header is checked properly.
-const SENDER_FIELD: u8 = 7;
-const SIGNATURE_FIELD: u8 = 8;
-const UNIX_FDS_FIELD: u8 = 9;
-/// The highest field code the specification defines.
-const MAX_KNOWN_FIELD: u8 = 9;
-
-fn u32_at(bytes: &[u8], at: usize, endian: Endian) -> Option<u32> {
-    let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
-    Some(match endian {
-        Endian::Little => u32::from_le_bytes(b),
-        Endian::Big => u32::from_be_bytes(b),
-    })
-}
-
-/// Walks the header fields of a message, calling `f` with each field's code, its value if it is
-/// a `u32`, and the bytes of the whole field, until `f` returns false. Returns false if the walk
-/// met a field it cannot read. The header is checked properly later; here a malformed one just
-/// ends the walk.
-fn walk_fields(
-    bytes: &[u8],
-    endian: Endian,
-    mut f: impl FnMut(u8, Option<u32>, Range<usize>) -> bool,
-) -> bool {
-    let Some(fields_len) = u32_at(bytes, 12, endian) else {
-        return false;
-    };
-    let end = (FIXED_HEADER + fields_len as usize).min(bytes.len());
-    let mut at = FIXED_HEADER;
-    while at + 4 <= end {
-        let code = bytes[at];
-        let sig_len = bytes[at + 1] as usize;
-        let sig = bytes.get(at + 2..at + 2 + sig_len).unwrap_or(b"");
-        let value_at = at + 2 + sig_len + 1;
-        let (value_end, value) = match sig {
-            b"u" => {
-                let v = value_at.next_multiple_of(4);
-                (v + 4, u32_at(bytes, v, endian))
-            }
-            b"s" | b"o" => {
-                let v = value_at.next_multiple_of(4);
-                (
-                    v + 4 + u32_at(bytes, v, endian).unwrap_or(0) as usize + 1,
-                    None,
-                )
-            }
-            b"g" => (
-                value_at + 1 + *bytes.get(value_at).unwrap_or(&0) as usize + 1,
-                None,
-            ),
-            _ => return false,
-        };
-        if value_end > end || !f(code, value, at..value_end) {
-            return value_end <= end;
-        }
-        at = value_end.next_multiple_of(8);
-    }
-    true
-}
-
-/// The value of the UNIX_FDS header field, 0 if there is none.
-fn declared_fds(bytes: &[u8], endian: Endian) -> usize {
-    let mut fds = 0;
-    walk_fields(bytes, endian, |code, value, _| {
-        if code == UNIX_FDS_FIELD {
-            fds = value.unwrap_or(0) as usize;
-        }
-        code != UNIX_FDS_FIELD
-    });
-    fds
-}
-
-/// The message in `bytes` with the bus's stamp: a SENDER field naming `sender` in place of any
-/// the client wrote, and without the header fields the specification does not define (it asks
-/// that they be ignored; passing them on is what it leaves open, and dropping them keeps every
-/// receiver's parser happy). It is built while the bytes are copied anyway, so that the message
-/// is parsed once and never copied again. `None` if a field cannot be read: the header is then
-/// refused by the real parser.
-fn stamp(bytes: &[u8], endian: Endian, sender: &str) -> Option<Vec<u8>> {
-    let fields_end = FIXED_HEADER + u32_at(bytes, 12, endian)? as usize;
-    let body = bytes.get(fields_end.next_multiple_of(8)..)?;
-    let write_u32 = |out: &mut Vec<u8>, value: usize| {
-        let value = value as u32;
-        out.extend_from_slice(&match endian {
-            Endian::Little => value.to_le_bytes(),
-            Endian::Big => value.to_be_bytes(),
-        });
-    };
-    let mut out = Vec::with_capacity(fields_end + 16 + sender.len() + body.len());
-    out.extend_from_slice(&bytes[..12]);
-    write_u32(&mut out, 0); // the length of the fields, known at the end
-    // Each field starts on an 8-byte boundary in both messages, so copied whole it stays aligned.
-    let complete = walk_fields(bytes, endian, |code, _, field| {
-        if (1..=MAX_KNOWN_FIELD).contains(&code) && code != SENDER_FIELD {
-            out.resize(out.len().next_multiple_of(8), 0);
-            out.extend_from_slice(&bytes[field]);
-        }
-        true
-    });
-    if !complete {
-        return None;
-    }
-    out.resize(out.len().next_multiple_of(8), 0);
-    out.extend_from_slice(&[SENDER_FIELD, 1, b's', 0]);
-    write_u32(&mut out, sender.len());
-    out.extend_from_slice(sender.as_bytes());
-    out.push(0);
-    let fields_len = out.len() - FIXED_HEADER;
-    out[12..16].copy_from_slice(&match endian {
-        Endian::Little => (fields_len as u32).to_le_bytes(),
-        Endian::Big => (fields_len as u32).to_be_bytes(),
-    });
-    out.resize(out.len().next_multiple_of(8), 0);
-    out.extend_from_slice(body);
-    Some(out)
-}
-
-/// The size limits that reading enforces.
-#[derive(Debug, Clone, Copy)]
-pub struct FrameLimits {
-    pub max_message_size: usize,
-    pub max_fds: usize,
-}
-
-/// Messages waiting to be written to one connection.
-#[derive(Default)]
-pub struct Outbox {
-    queue: VecDeque<Message>,
-    /// How much of the front message has been written already.
-    offset: usize,
-    /// Bytes queued and not yet written.
-    bytes: usize,
-    /// Fds of the queued messages, until each message is written whole.
-    fds: usize,
-}
-
-/// How many messages one `sendmsg` call covers at most: Linux's IOV_MAX. A broadcast burst or a
-/// pipelined client fills a receiver's queue with many small messages, and each write that takes
-/// more of them is one wakeup less for the receiver.
-const MAX_IOVECS: usize = 1024;
-
-impl Outbox {
-    pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
-    }
-
-    pub fn queued_bytes(&self) -> usize {
-        self.bytes
-    }
-
-    pub fn queued_fds(&self) -> usize {
-        self.fds
-    }
-
-    pub fn push(&mut self, msg: Message) {
-        self.bytes += msg.data().len();
-        self.fds += msg.data().fds().len();
-        self.queue.push_back(msg);
-    }
-
-    /// Writes as much as the socket takes without blocking. Fails with `WouldBlock` when the
-    /// socket is full before the queue is empty.
-    pub fn flush(&mut self, fd: RawFd) -> io::Result<()> {
-        while !self.queue.is_empty() {
-            let written = match self.send_some(fd) {
-                Ok(n) => n,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            self.advance(written);
-        }
-        // Give back the memory of a burst once it is written.
-        if self.queue.capacity() > 64 {
-            self.queue.shrink_to(8);
-        }
-        Ok(())
-    }
-
-    /// One `sendmsg` over the front messages. The file descriptors of a message go with its
-    /// first byte, so a batch stops before the next message that carries any.
-    fn send_some(&self, fd: RawFd) -> nix::Result<usize> {
-        // On the stack: this runs for every message the bus writes.
-        let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
-        let mut count = 0;
-        for (i, msg) in self.queue.iter().take(MAX_IOVECS).enumerate() {
-            let bytes = msg.data().bytes();
-            if i == 0 {
-                iov[0] = IoSlice::new(&bytes[self.offset..]);
-            } else if !msg.data().fds().is_empty() {
-                break;
-            } else {
-                iov[i] = IoSlice::new(bytes);
-            }
-            count = i + 1;
-        }
-        let front_fds = self.queue.front().map_or(&[][..], |m| m.data().fds());
-        let fds: Vec<RawFd> = if self.offset == 0 {
-            front_fds.iter().map(|f| f.as_raw_fd()).collect()
-        } else {
-            Vec::new()
-        };
-        let cmsg = [ControlMessage::ScmRights(&fds)];
-        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
-        sendmsg::<()>(
-            fd,
-            &iov[..count],
-            cmsgs,
-            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-            None,
-        )
-    }
-
-    fn advance(&mut self, mut written: usize) {
-        self.bytes -= written;
-        while written > 0 {
-            let Some(front) = self.queue.front() else {
-                break;
-            };
-            let left = front.data().len() - self.offset;
-            if written >= left {
-                written -= left;
-                self.offset = 0;
-                self.fds -= front.data().fds().len();
-                self.queue.pop_front();
-            } else {
-                self.offset += written;
-                written = 0;
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -876,6 +507,55 @@ mod tests {
         assert!(err.to_string().contains("bad body"), "{err}");
     }
 
+    /// A message of several steps is read straight into its own buffer over many reads, which
+    /// never zero more than one step ahead of the bytes received, and comes out whole.
+    #[test]
+    fn reads_a_large_message_over_many_reads() {
+        use nix::poll::{PollFd, PollFlags, poll};
+        use std::io::Write;
+        use std::os::fd::{AsFd, AsRawFd};
+        use std::os::unix::net::UnixStream;
+
+        let payload: Vec<u8> = (0..3 * LARGE_STEP + 5).map(|i| (i % 251) as u8).collect();
+        let msg = Message::method_call("/a", "Big")
+            .build(&(payload.clone(),))
+            .unwrap();
+        let bytes = msg.data().bytes().to_vec();
+        let (mut theirs, ours) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || theirs.write_all(&bytes));
+
+        let mut reader = reader();
+        let (mut scratch, mut out) = (Vec::new(), Vec::new());
+        let (mut reads, mut large_reads) = (0, 0);
+        while out.is_empty() {
+            let mut ready = [PollFd::new(ours.as_fd(), PollFlags::POLLIN)];
+            assert_eq!(
+                poll(&mut ready, 10_000u16).unwrap(),
+                1,
+                "the writer stalled"
+            );
+            match reader.read(ours.as_raw_fd(), &mut scratch, &limits(), &mut out) {
+                Ok(_) => reads += 1,
+                Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            if let Some(large) = &reader.large {
+                large_reads += 1;
+                assert!(reader.partial.is_empty());
+                assert!(large.filled <= large.buf.len());
+                assert!(large.buf.len() - large.filled <= LARGE_STEP);
+                assert!(large.buf.len() <= large.total);
+            }
+        }
+        writer.join().unwrap().unwrap();
+        assert!(reads > 3, "{reads} reads");
+        assert!(large_reads > 2, "{large_reads} reads into the large buffer");
+        assert!(reader.large.is_none());
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].header().sender().unwrap().as_str(), ":1.7");
+        assert_eq!(out[0].body().deserialize::<Vec<u8>>().unwrap(), payload);
+    }
+
     #[test]
     fn claims_the_declared_file_descriptors() {
         let file = std::fs::File::open("/dev/null").unwrap();
@@ -883,7 +563,11 @@ mod tests {
             .build(&(zbus::Fd::from(&file),))
             .unwrap();
         let bytes = msg.data().bytes();
-        assert_eq!(declared_fds(bytes, Endian::Little), 1);
+        assert_eq!(
+            crate::wire::check::declared_fds(Raw::new(bytes, Endian::Little)),
+            1
+        );
+        assert_eq!(stamp(Raw::new(bytes, Endian::Little), ":1.7").fds, 1);
 
         let err = reader()
             .take_messages(bytes, &limits(), &mut Vec::new())

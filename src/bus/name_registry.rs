@@ -4,30 +4,9 @@
 use std::collections::{BTreeSet, VecDeque};
 
 use rustc_hash::FxHashMap as HashMap;
+use zbus::fdo::{ReleaseNameReply, RequestNameFlags, RequestNameReply};
 
-use super::PeerId;
-
-/// `RequestName` flags.
-pub const ALLOW_REPLACEMENT: u32 = 0x1;
-pub const REPLACE_EXISTING: u32 = 0x2;
-pub const DO_NOT_QUEUE: u32 = 0x4;
-
-/// `RequestName` replies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequestReply {
-    PrimaryOwner = 1,
-    InQueue = 2,
-    Exists = 3,
-    AlreadyOwner = 4,
-}
-
-/// `ReleaseName` replies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReleaseReply {
-    Released = 1,
-    NonExistent = 2,
-    NotOwner = 3,
-}
+use crate::connection::PeerId;
 
 /// What a change of ownership must be told, in the order the signals are to be sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +29,7 @@ pub enum NameEvent {
 #[derive(Debug, Clone, Copy)]
 struct Owner {
     peer: PeerId,
-    flags: u32,
+    flags: RequestNameFlags,
 }
 
 /// All well-known names and their queues. The front of a queue is the primary owner.
@@ -97,21 +76,23 @@ impl NameRegistry {
         &mut self,
         name: &str,
         peer: PeerId,
-        flags: u32,
-    ) -> (RequestReply, Vec<NameEvent>) {
+        flags: RequestNameFlags,
+    ) -> (RequestNameReply, Vec<NameEvent>) {
         let Some(queue) = self.names.get_mut(name) else {
             self.names
                 .insert(name.to_owned(), VecDeque::from([Owner { peer, flags }]));
             self.note(peer, name);
-            return (RequestReply::PrimaryOwner, acquired(name, None, peer));
+            return (RequestNameReply::PrimaryOwner, acquired(name, None, peer));
         };
         let primary = queue[0];
         if primary.peer == peer {
             queue[0].flags = flags;
-            return (RequestReply::AlreadyOwner, Vec::new());
+            return (RequestNameReply::AlreadyOwner, Vec::new());
         }
         let waiting_at = queue.iter().position(|o| o.peer == peer);
-        if flags & REPLACE_EXISTING != 0 && primary.flags & ALLOW_REPLACEMENT != 0 {
+        if flags.contains(RequestNameFlags::REPLACE_EXISTING)
+            && primary.flags.contains(RequestNameFlags::ALLOW_REPLACEMENT)
+        {
             if let Some(at) = waiting_at {
                 queue.remove(at);
             }
@@ -122,24 +103,24 @@ impl NameRegistry {
                 peer: primary.peer,
             }];
             // The replaced owner waits right behind the new one, unless it asked not to queue.
-            if primary.flags & DO_NOT_QUEUE == 0 {
+            if !primary.flags.contains(RequestNameFlags::DO_NOT_QUEUE) {
                 queue.insert(1, primary);
             } else {
                 self.forget(primary.peer, name);
             }
             self.note(peer, name);
             events.extend(acquired(name, Some(primary.peer), peer));
-            return (RequestReply::PrimaryOwner, events);
+            return (RequestNameReply::PrimaryOwner, events);
         }
-        if flags & DO_NOT_QUEUE != 0 {
+        if flags.contains(RequestNameFlags::DO_NOT_QUEUE) {
             if let Some(at) = waiting_at {
                 queue.remove(at);
                 self.forget(peer, name);
             }
-            return (RequestReply::Exists, Vec::new());
+            return (RequestNameReply::Exists, Vec::new());
         }
         // As dbus-daemon: one who asked to replace the owner waits right behind it.
-        if flags & REPLACE_EXISTING != 0 {
+        if flags.contains(RequestNameFlags::REPLACE_EXISTING) {
             if let Some(at) = waiting_at {
                 queue.remove(at);
             }
@@ -151,16 +132,16 @@ impl NameRegistry {
             }
         }
         self.note(peer, name);
-        (RequestReply::InQueue, Vec::new())
+        (RequestNameReply::InQueue, Vec::new())
     }
 
     /// `ReleaseName`.
-    pub fn release(&mut self, name: &str, peer: PeerId) -> (ReleaseReply, Vec<NameEvent>) {
+    pub fn release(&mut self, name: &str, peer: PeerId) -> (ReleaseNameReply, Vec<NameEvent>) {
         let Some(queue) = self.names.get(name) else {
-            return (ReleaseReply::NonExistent, Vec::new());
+            return (ReleaseNameReply::NonExistent, Vec::new());
         };
         if !queue.iter().any(|o| o.peer == peer) {
-            return (ReleaseReply::NotOwner, Vec::new());
+            return (ReleaseNameReply::NotOwner, Vec::new());
         }
         let was_primary = queue[0].peer == peer;
         let mut events = Vec::new();
@@ -171,13 +152,13 @@ impl NameRegistry {
             });
         }
         events.extend(self.remove(name, peer));
-        (ReleaseReply::Released, events)
+        (ReleaseNameReply::Released, events)
     }
 
     /// Gives back the room of tables that a peak of names left mostly empty.
     pub fn shrink(&mut self) {
-        super::shrink_map(&mut self.names);
-        super::shrink_map(&mut self.by_peer);
+        super::memory::shrink_map(&mut self.names);
+        super::memory::shrink_map(&mut self.by_peer);
     }
 
     /// Drops every name of a peer that is gone. No `NameLost` goes to the departed peer.
@@ -267,20 +248,38 @@ mod tests {
     #[test]
     fn first_request_owns_and_second_queues() {
         let mut r = NameRegistry::default();
-        assert_eq!(r.request(N, 1, 0).0, RequestReply::PrimaryOwner);
-        assert_eq!(r.request(N, 1, 0).0, RequestReply::AlreadyOwner);
-        assert_eq!(r.request(N, 2, 0).0, RequestReply::InQueue);
-        assert_eq!(r.request(N, 3, DO_NOT_QUEUE).0, RequestReply::Exists);
+        assert_eq!(
+            r.request(N, 1, RequestNameFlags::empty()).0,
+            RequestNameReply::PrimaryOwner
+        );
+        assert_eq!(
+            r.request(N, 1, RequestNameFlags::empty()).0,
+            RequestNameReply::AlreadyOwner
+        );
+        assert_eq!(
+            r.request(N, 2, RequestNameFlags::empty()).0,
+            RequestNameReply::InQueue
+        );
+        assert_eq!(
+            r.request(N, 3, RequestNameFlags::DO_NOT_QUEUE).0,
+            RequestNameReply::Exists
+        );
         assert_eq!(r.queue(N), Some(vec![1, 2]));
     }
 
     #[test]
     fn replacement_needs_both_flags() {
         let mut r = NameRegistry::default();
-        r.request(N, 1, 0);
-        assert_eq!(r.request(N, 2, REPLACE_EXISTING).0, RequestReply::InQueue);
-        r.request(N, 4, 0);
-        assert_eq!(r.request(N, 5, REPLACE_EXISTING).0, RequestReply::InQueue);
+        r.request(N, 1, RequestNameFlags::empty());
+        assert_eq!(
+            r.request(N, 2, RequestNameFlags::REPLACE_EXISTING).0,
+            RequestNameReply::InQueue
+        );
+        r.request(N, 4, RequestNameFlags::empty());
+        assert_eq!(
+            r.request(N, 5, RequestNameFlags::REPLACE_EXISTING).0,
+            RequestNameReply::InQueue
+        );
         assert_eq!(
             r.queue(N),
             Some(vec![1, 5, 2, 4]),
@@ -288,9 +287,9 @@ mod tests {
         );
         r.release(N, 5);
         r.release(N, 4);
-        r.request(N, 1, ALLOW_REPLACEMENT);
-        let (reply, events) = r.request(N, 3, REPLACE_EXISTING);
-        assert_eq!(reply, RequestReply::PrimaryOwner);
+        r.request(N, 1, RequestNameFlags::ALLOW_REPLACEMENT);
+        let (reply, events) = r.request(N, 3, RequestNameFlags::REPLACE_EXISTING);
+        assert_eq!(reply, RequestNameReply::PrimaryOwner);
         assert_eq!(
             events,
             vec![
@@ -316,8 +315,12 @@ mod tests {
     #[test]
     fn replaced_owner_with_do_not_queue_leaves() {
         let mut r = NameRegistry::default();
-        r.request(N, 1, ALLOW_REPLACEMENT | DO_NOT_QUEUE);
-        r.request(N, 2, REPLACE_EXISTING);
+        r.request(
+            N,
+            1,
+            RequestNameFlags::ALLOW_REPLACEMENT | RequestNameFlags::DO_NOT_QUEUE,
+        );
+        r.request(N, 2, RequestNameFlags::REPLACE_EXISTING);
         assert_eq!(r.queue(N), Some(vec![2]));
         assert_eq!(r.count_for(1), 0);
     }
@@ -325,21 +328,24 @@ mod tests {
     #[test]
     fn do_not_queue_takes_a_waiter_out_of_the_queue() {
         let mut r = NameRegistry::default();
-        r.request(N, 1, 0);
-        r.request(N, 2, 0);
-        assert_eq!(r.request(N, 2, DO_NOT_QUEUE).0, RequestReply::Exists);
+        r.request(N, 1, RequestNameFlags::empty());
+        r.request(N, 2, RequestNameFlags::empty());
+        assert_eq!(
+            r.request(N, 2, RequestNameFlags::DO_NOT_QUEUE).0,
+            RequestNameReply::Exists
+        );
         assert_eq!(r.queue(N), Some(vec![1]));
     }
 
     #[test]
     fn release_passes_the_name_on() {
         let mut r = NameRegistry::default();
-        assert_eq!(r.release(N, 1).0, ReleaseReply::NonExistent);
-        r.request(N, 1, 0);
-        r.request(N, 2, 0);
-        assert_eq!(r.release(N, 3).0, ReleaseReply::NotOwner);
+        assert_eq!(r.release(N, 1).0, ReleaseNameReply::NonExistent);
+        r.request(N, 1, RequestNameFlags::empty());
+        r.request(N, 2, RequestNameFlags::empty());
+        assert_eq!(r.release(N, 3).0, ReleaseNameReply::NotOwner);
         let (reply, events) = r.release(N, 1);
-        assert_eq!(reply, ReleaseReply::Released);
+        assert_eq!(reply, ReleaseNameReply::Released);
         assert_eq!(
             events[0],
             NameEvent::Lost {
@@ -348,7 +354,7 @@ mod tests {
             }
         );
         assert_eq!(r.owner(N), Some(2));
-        assert_eq!(r.release(N, 2).0, ReleaseReply::Released);
+        assert_eq!(r.release(N, 2).0, ReleaseNameReply::Released);
         assert_eq!(r.owner(N), None);
         assert_eq!(r.names().count(), 0);
     }
@@ -356,19 +362,19 @@ mod tests {
     #[test]
     fn releasing_a_queued_name_sends_nothing() {
         let mut r = NameRegistry::default();
-        r.request(N, 1, 0);
-        r.request(N, 2, 0);
-        assert_eq!(r.release(N, 2), (ReleaseReply::Released, vec![]));
+        r.request(N, 1, RequestNameFlags::empty());
+        r.request(N, 2, RequestNameFlags::empty());
+        assert_eq!(r.release(N, 2), (ReleaseNameReply::Released, vec![]));
     }
 
     #[test]
     fn removing_a_peer_hands_over_every_name() {
         let mut r = NameRegistry::default();
-        r.request("a.A", 1, 0);
-        r.request("b.B", 1, 0);
-        r.request("b.B", 2, 0);
-        r.request("c.C", 2, 0);
-        r.request("c.C", 1, 0);
+        r.request("a.A", 1, RequestNameFlags::empty());
+        r.request("b.B", 1, RequestNameFlags::empty());
+        r.request("b.B", 2, RequestNameFlags::empty());
+        r.request("c.C", 2, RequestNameFlags::empty());
+        r.request("c.C", 1, RequestNameFlags::empty());
         let events = r.remove_peer(1);
         assert!(events.contains(&NameEvent::OwnerChanged {
             name: "a.A".into(),
