@@ -41,8 +41,16 @@ pub struct Options {
     pub start_limit_burst: Option<u64>,
     /// ... within this many milliseconds.
     pub start_limit_interval_ms: Option<u64>,
+    /// `--stop-grace-ms`: when the bus stops, how long the processes it started or adopted
+    /// have before SIGKILL (default [`crate::supervisor::DEFAULT_STOP_GRACE`]).
+    pub stop_grace_ms: Option<u64>,
     pub version: bool,
     pub help: bool,
+    /// `--log-file`: where `broker run` writes the bus's log (else only warnings, to stderr).
+    pub log_file: Option<PathBuf>,
+    /// `broker run [OPTION]... [--] COMMAND [ARG]...`: COMMAND and its arguments, empty when
+    /// none was given; `None` for the bus alone.
+    pub run: Option<Vec<String>>,
 }
 
 /// A command line that cannot be used; the text is a one-line reason.
@@ -76,6 +84,8 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ("--start-timeout-ms=MS", "how long a started service may take to own its name"),
     ("--start-limit-burst=N", "after N failed starts of a service within the interval, fail at once"),
     ("--start-limit-interval-ms=MS", "the interval of --start-limit-burst (default 10000)"),
+    ("--stop-grace-ms=MS", "at stop, how long services' processes have before SIGKILL (default 5000)"),
+    ("--log-file=FILE", "broker run: write the bus's log to FILE (without it, only warnings and errors, to standard error)"),
     ("--version", "print the version and exit"),
     ("--help", "print this help and exit"),
 ];
@@ -88,7 +98,10 @@ pub fn help() -> String {
         .max()
         .unwrap_or(0);
     let mut text = String::from(
-        "usage: broker [OPTION]...\nA D-Bus message bus that starts services on demand and keeps them as its children.\n\n",
+        "usage: broker [OPTION]...\n       broker run [OPTION]... [--] COMMAND [ARG]...\n\
+         A D-Bus message bus that starts services on demand and keeps them as its children.\n\
+         broker run starts a private session bus, runs COMMAND with DBUS_SESSION_BUS_ADDRESS set\n\
+         to it, stops the bus and every service when COMMAND exits, and exits with COMMAND's status.\n\n",
     );
     for (flag, what) in OPTIONS {
         text.push_str(&format!("  {flag:width$}  {what}\n"));
@@ -103,7 +116,19 @@ impl Options {
     pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, UsageError> {
         let mut opts = Options::default();
         let mut args = args.into_iter().peekable();
+        if args.next_if(|first| first == "run").is_some() {
+            opts.run = Some(Vec::new());
+        }
         while let Some(arg) = args.next() {
+            // `broker run`: the first argument that is not an option, or all after `--`, is
+            // COMMAND; what follows it is COMMAND's, options or not.
+            if let Some(command) = &mut opts.run
+                && (arg == "--" || !arg.starts_with('-'))
+            {
+                command.extend((arg != "--").then_some(arg));
+                command.extend(args.by_ref());
+                break;
+            }
             let (flag, inline) = match arg.split_once('=') {
                 Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
                 _ => (arg.clone(), None),
@@ -116,8 +141,10 @@ impl Options {
                     | "--start-timeout-ms"
                     | "--start-limit-burst"
                     | "--start-limit-interval-ms"
+                    | "--stop-grace-ms"
                     | "--print-address"
                     | "--print-pid"
+                    | "--log-file"
             );
             if takes_no_value && inline.is_some() {
                 return Err(UsageError(format!("{flag} takes no value")));
@@ -151,6 +178,7 @@ impl Options {
                 "--start-limit-interval-ms" => {
                     opts.start_limit_interval_ms = Some(number(&flag, &value(&flag)?)?)
                 }
+                "--stop-grace-ms" => opts.stop_grace_ms = Some(number(&flag, &value(&flag)?)?),
                 "--print-address" | "--print-pid" => {
                     // The fd is optional; a following argument is taken only if it is a number.
                     let fd = match inline {
@@ -177,6 +205,7 @@ impl Options {
                 "--syslog" => opts.log_target = LogTarget::Syslog,
                 "--syslog-only" => opts.log_target = LogTarget::SyslogOnly,
                 "--introspect" => opts.introspect = true,
+                "--log-file" => opts.log_file = Some(PathBuf::from(value(&flag)?)),
                 "--version" => opts.version = true,
                 "--help" | "-h" => opts.help = true,
                 other => return Err(UsageError(format!("unknown option {other}"))),
@@ -296,6 +325,47 @@ mod tests {
         );
         assert!(parse(&["--start-timeout-ms=0"]).is_err());
         assert!(parse(&["--start-limit-burst=x"]).is_err());
+    }
+
+    #[test]
+    fn stop_grace_is_a_positive_number_of_ms() {
+        assert_eq!(
+            parse(&["--stop-grace-ms=1500"]).unwrap().stop_grace_ms,
+            Some(1500)
+        );
+        assert_eq!(
+            parse(&["--stop-grace-ms", "7"]).unwrap().stop_grace_ms,
+            Some(7)
+        );
+        assert_eq!(parse(&[]).unwrap().stop_grace_ms, None);
+        assert!(parse(&["--stop-grace-ms=soon"]).is_err());
+        assert!(parse(&["--stop-grace-ms"]).is_err());
+    }
+
+    #[test]
+    fn run_takes_bus_options_then_the_command_and_its_arguments() {
+        let o = parse(&[
+            "run",
+            "--activation-dir=/a",
+            "--log-file",
+            "/l",
+            "--",
+            "sh",
+            "-c",
+            "--x",
+        ])
+        .unwrap();
+        let command = |args: &[&str]| Some(args.iter().map(|a| a.to_string()).collect());
+        assert_eq!(o.run, command(&["sh", "-c", "--x"]));
+        assert_eq!(o.activation_dirs, vec![PathBuf::from("/a")]);
+        assert_eq!(o.log_file, Some(PathBuf::from("/l")));
+        let o = parse(&["run", "app", "--session"]).unwrap();
+        assert_eq!(o.run, command(&["app", "--session"]));
+        assert!(!o.session, "an option after COMMAND is COMMAND's");
+        assert_eq!(parse(&["run"]).unwrap().run, command(&[]));
+        assert_eq!(parse(&["run", "--"]).unwrap().run, command(&[]));
+        assert_eq!(parse(&["--session"]).unwrap().run, None);
+        assert!(parse(&["--session", "run"]).is_err(), "run comes first");
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod logging;
 pub mod match_rule;
 pub mod notify;
 pub mod peer_task;
+pub mod run;
 pub mod server;
 pub mod socket;
 pub mod supervisor;

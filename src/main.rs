@@ -12,7 +12,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     purge_freed_pages_at_once();
-    let opts = match Options::parse(std::env::args().skip(1)) {
+    let mut opts = match Options::parse(std::env::args().skip(1)) {
         Ok(opts) => opts,
         Err(e) => {
             eprintln!("broker: {e}");
@@ -31,6 +31,9 @@ fn main() -> ExitCode {
         print!("{}", broker::driver::introspect(broker::bus::DRIVER_PATH));
         return ExitCode::SUCCESS;
     }
+    if let Err(status) = check_run_usage(&opts) {
+        return status;
+    }
     // Before anything opens a descriptor that could take the number of one of these.
     let prints = match PrintFds::claim(&opts) {
         Ok(prints) => prints,
@@ -39,8 +42,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    broker::logging::init();
     broker::bus::set_memory_release(release_memory);
+    if let Some(command) = opts.run.take() {
+        return broker::run::run(opts, command, prints);
+    }
+    broker::logging::init();
     match broker::server::run(opts, prints) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -48,6 +54,27 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Refuses what `broker run` cannot do, and `--log-file` without it: a missing COMMAND with
+/// status 2 (so that it differs from the status 1 a COMMAND often exits with), the rest with 1,
+/// as other usage errors.
+fn check_run_usage(opts: &Options) -> Result<(), ExitCode> {
+    let Some(command) = &opts.run else {
+        if opts.log_file.is_some() {
+            eprintln!("broker: --log-file is an option of broker run");
+            return Err(ExitCode::from(1));
+        }
+        return Ok(());
+    };
+    if command.is_empty() {
+        eprintln!("broker run: no COMMAND given\n{}", broker::run::USAGE);
+        return Err(ExitCode::from(2));
+    }
+    broker::run::check_options(opts).map_err(|e| {
+        eprintln!("broker run: {e}");
+        ExitCode::from(1)
+    })
 }
 
 /// Hands the memory that mimalloc keeps for reuse back to the system: the pages freed since,

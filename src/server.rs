@@ -26,7 +26,7 @@ use crate::cli::Options;
 use crate::config::{self, Config};
 use crate::daemon::PrintFds;
 use crate::peer_task::{self, Shared};
-use crate::supervisor::{self, Supervisor};
+use crate::supervisor::{self, ProcessEvent, Supervisor};
 use crate::wire::{FrameLimits, MAX_MESSAGE_SIZE};
 use crate::{daemon, log_limit, logging, notify};
 
@@ -149,6 +149,18 @@ fn watch_signals() -> Result<(impl Future<Output = ()>, mpsc::UnboundedReceiver<
         signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
     let mut int =
         signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
+    let reloads = watch_hangups()?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => debug!("SIGTERM: shutting down"),
+            _ = int.recv() => debug!("SIGINT: shutting down"),
+        }
+    };
+    Ok((shutdown, reloads))
+}
+
+/// Each SIGHUP becomes a reload request: the configuration is read again.
+pub(crate) fn watch_hangups() -> Result<mpsc::UnboundedReceiver<()>, String> {
     let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
     let (reload, reloads) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -158,13 +170,7 @@ fn watch_signals() -> Result<(impl Future<Output = ()>, mpsc::UnboundedReceiver<
             }
         }
     });
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => debug!("SIGTERM: shutting down"),
-            _ = int.recv() => debug!("SIGINT: shutting down"),
-        }
-    };
-    Ok((shutdown, reloads))
+    Ok(reloads)
 }
 
 /// What a bus serves with, besides its listening sockets.
@@ -190,19 +196,34 @@ pub struct BusSetup {
 /// in its own process, on a listener it bound, with tokio's clock paused.
 ///
 /// The bus runs on the calling thread. Its tasks (connections, timers, the reaper) run in a
-/// task set of its own, dropped when `serve` returns: once shutdown resolves, the services'
-/// pending starts are stopped, the service manager is told, and every connection and listening
-/// socket is closed, as when the process exits. The process may run one bus at a time (one
-/// reaper collects its children).
+/// task set of its own, dropped when `serve` returns. Once shutdown resolves, the service
+/// manager is told, the listening sockets close, the services' pending starts are stopped,
+/// every connection is closed, and every process the bus started or adopted is stopped within
+/// `--stop-grace-ms` (see [`supervisor::stop_all`]); `serve` returns once none is left. The
+/// process may run one bus at a time (one reaper collects its children).
 pub async fn serve(
     setup: BusSetup,
     listeners: Vec<UnixListener>,
     reloads: mpsc::UnboundedReceiver<()>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
+    serve_reporting_exits(setup, listeners, reloads, shutdown, None).await
+}
+
+/// [`serve`], also telling `exits` of each process the reaper collects: `broker run` learns
+/// so how its command ended, since the reaper alone may wait for children.
+pub async fn serve_reporting_exits(
+    setup: BusSetup,
+    listeners: Vec<UnixListener>,
+    reloads: mpsc::UnboundedReceiver<()>,
+    shutdown: impl Future<Output = ()>,
+    exits: Option<UnboundedSender<ProcessEvent>>,
+) -> Result<(), String> {
     let tasks = tokio::task::LocalSet::new();
     tasks
-        .run_until(serve_in_task_set(setup, listeners, reloads, shutdown))
+        .run_until(serve_in_task_set(
+            setup, listeners, reloads, shutdown, exits,
+        ))
         .await
 }
 
@@ -212,14 +233,20 @@ async fn serve_in_task_set(
     listeners: Vec<UnixListener>,
     mut reloads: mpsc::UnboundedReceiver<()>,
     shutdown: impl Future<Output = ()>,
+    exits: Option<UnboundedSender<ProcessEvent>>,
 ) -> Result<(), String> {
     let notify_stopping = setup.notify_stopping;
-    let (shared, mut event_rx) = start_bus(setup)?;
+    let stop_grace = setup
+        .opts
+        .stop_grace_ms
+        .map_or(supervisor::DEFAULT_STOP_GRACE, Duration::from_millis);
+    let (shared, mut event_rx) = start_bus(setup, exits)?;
     let flusher = shared.clone();
     tokio::task::spawn_local(async move { flusher.flush_forever().await });
-    for listener in listeners {
-        tokio::task::spawn_local(accept_loop(shared.clone(), listener));
-    }
+    let accepting: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| tokio::task::spawn_local(accept_loop(shared.clone(), listener)))
+        .collect();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
@@ -232,13 +259,37 @@ async fn serve_in_task_set(
     if notify_stopping {
         notify::stopping();
     }
-    shared.bus.borrow_mut().stop_pending_starts();
+    stop(&shared, accepting, stop_grace).await;
     Ok(())
+}
+
+/// The bus's stop, once its shutdown has resolved: no new connections, the starts in progress
+/// stopped, every connection closed (so that services see the bus go and may exit on their
+/// own), then every process the bus started or adopted stopped within `grace` (SIGTERM, then
+/// SIGKILL; see [`supervisor::stop_all`]). Runs inside the bus's task set, so that the reaper
+/// collects the processes meanwhile.
+async fn stop(shared: &Shared, accepting: Vec<tokio::task::JoinHandle<()>>, grace: Duration) {
+    for task in accepting {
+        // The task's listener is dropped with it: connecting is refused from now on.
+        task.abort();
+    }
+    let closed = {
+        let mut bus = shared.bus.borrow_mut();
+        bus.stop_pending_starts();
+        // Connections still in their handshake close as when newer ones push them out.
+        while bus.evict_incomplete().is_some() {}
+        bus.shut_down_connections()
+    };
+    debug!(connections = closed, "connections closed");
+    supervisor::stop_all(grace).await;
 }
 
 /// The core and what every connection task shares, with activation started; and the channel
 /// on which the core's events arrive (process exits, timeouts, directory changes).
-fn start_bus(setup: BusSetup) -> Result<(Rc<Shared>, mpsc::UnboundedReceiver<CoreEvent>), String> {
+fn start_bus(
+    setup: BusSetup,
+    exits: Option<UnboundedSender<ProcessEvent>>,
+) -> Result<(Rc<Shared>, mpsc::UnboundedReceiver<CoreEvent>), String> {
     let BusSetup {
         opts,
         config,
@@ -255,7 +306,7 @@ fn start_bus(setup: BusSetup) -> Result<(Rc<Shared>, mpsc::UnboundedReceiver<Cor
         address,
         bus_type: config.bus_type.clone(),
     };
-    let activation = start_activation(&opts, &settings, starter, events.clone())?;
+    let activation = start_activation(&opts, &settings, starter, events.clone(), exits)?;
     let mut bus = Bus::new(guid.clone(), settings.limits.clone(), activation, events);
     bus.apply_settings(settings);
     let reload_opts = opts.clone();
@@ -289,7 +340,7 @@ pub fn load_config(opts: &Options) -> Result<Config, String> {
 }
 
 /// The authentication mechanisms the configuration allows.
-fn mechanisms_of(config: &Config) -> Result<Mechanisms, String> {
+pub(crate) fn mechanisms_of(config: &Config) -> Result<Mechanisms, String> {
     Mechanisms::configured(&config.auth, config.allow_anonymous)
         .map_err(|e| format!("cannot use the configuration: {e}"))
 }
@@ -365,6 +416,14 @@ fn bind_all(
         }
         None => config.listen.iter().map(parse).collect::<Result<_, _>>()?,
     };
+    bind_addresses(addresses)
+}
+
+/// Binds each address (`systemd:`: takes systemd's sockets) for tokio, each with the socket
+/// file to remove when the bus stops.
+pub(crate) fn bind_addresses(
+    addresses: Vec<ListenAddress>,
+) -> Result<Vec<(UnixListener, ListenAddress, SocketFile)>, String> {
     let mut bound_all = Vec::new();
     for wanted in addresses {
         let bound_here = match wanted {
@@ -451,13 +510,18 @@ fn start_activation(
     settings: &Settings,
     starter: StarterBus,
     events: UnboundedSender<CoreEvent>,
+    exits: Option<UnboundedSender<ProcessEvent>>,
 ) -> Result<Activation, String> {
     supervisor::become_subreaper().map_err(|e| format!("cannot become a child subreaper: {e}"))?;
-    let (supervisor, mut exits) =
+    let (supervisor, mut reaped) =
         Supervisor::start().map_err(|e| format!("cannot start the reaper: {e}"))?;
     let forward = events.clone();
     tokio::task::spawn_local(async move {
-        while let Some(exit) = exits.recv().await {
+        while let Some(exit) = reaped.recv().await {
+            if let Some(tell) = &exits {
+                // A caller that stopped listening does not stop the bus.
+                let _ = tell.send(exit);
+            }
             if forward.send(CoreEvent::Exited(exit)).is_err() {
                 return;
             }
@@ -505,7 +569,7 @@ fn create_transient_dir(dirs: &[PathBuf]) {
 }
 
 /// Each connection takes a file descriptor: like dbus-daemon, take all the kernel allows.
-fn raise_fd_limit() {
+pub(crate) fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => {
@@ -533,7 +597,7 @@ fn handle_event(shared: &Shared, event: CoreEvent) {
 }
 
 /// Removes the socket file when the bus stops.
-struct SocketFile(Option<std::path::PathBuf>);
+pub(crate) struct SocketFile(Option<std::path::PathBuf>);
 
 impl Drop for SocketFile {
     fn drop(&mut self) {

@@ -46,6 +46,7 @@ const PATIENCE: Duration = Duration::from_secs(20);
 const ECHO: (&str, &str) = ("echo_service", "org.broker.Echo");
 const DAEMON: (&str, &str) = ("daemon_service", "org.broker.Daemon");
 const CRASH: (&str, &str) = ("crash_service", "org.broker.Crash");
+const LEFTOVER: (&str, &str) = ("leftover_service", "org.broker.Leftover");
 
 /// A `dbus-daemon` on a socket in a fresh directory, killed and reaped when
 /// dropped unless a test stopped it.
@@ -388,8 +389,8 @@ fn activation_files_load_cleanly_and_start_the_examples() {
     let loaded = files::load(std::slice::from_ref(&dir));
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
     assert_eq!(loaded.services.len(), toml_files);
-    assert_eq!(loaded.services.len(), 3);
-    for (example, name) in [ECHO, DAEMON, CRASH] {
+    assert_eq!(loaded.services.len(), 4);
+    for (example, name) in [ECHO, DAEMON, CRASH, LEFTOVER] {
         let service = loaded
             .services
             .get(name)

@@ -18,6 +18,7 @@ pub mod settings;
 pub mod systemd;
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -344,6 +345,22 @@ impl Bus {
     /// Writes what each connection touched since the last flush has queued.
     pub fn take_dirty(&mut self) -> Vec<Rc<Conn>> {
         std::mem::take(&mut self.dirty)
+    }
+
+    /// At stop: shuts down every peer's socket in both directions, so that each client, a
+    /// service the bus started among them, sees the bus go (EOF) at once, whoever else still
+    /// holds the socket; each connection's task then ends as after a client's close. Returns
+    /// how many there were.
+    pub fn shut_down_connections(&mut self) -> usize {
+        for peer in self.peers.values() {
+            let fd = peer.conn.socket.as_raw_fd();
+            if let Err(e) = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both) {
+                debug!(peer = %peer.unique, "cannot shut the connection down: {e}");
+            }
+            peer.conn.closing.set(true);
+            peer.conn.wake.notify_one();
+        }
+        self.peers.len()
     }
 
     /// Drops a peer: its names pass on, its callers get `NoReply`, everyone hears it is gone.

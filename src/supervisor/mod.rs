@@ -20,6 +20,8 @@
 //! is deliberately not `Send`.
 
 mod reaper;
+mod stop;
+mod tree;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -41,6 +43,8 @@ use tracing::{debug, info, warn};
 
 pub use reaper::{ExitKind, ProcessEvent};
 use reaper::{ReaperGuard, reap_forever};
+pub use stop::{DEFAULT_STOP_GRACE, stop_all};
+pub use tree::{Descendant, descendants};
 
 /// Marks this process a child subreaper (`PR_SET_CHILD_SUBREAPER`), so
 /// orphaned descendants are re-parented to it rather than to init.
@@ -185,13 +189,7 @@ pub fn children() -> io::Result<Vec<u32>> {
 
 /// The parent of `pid` unless it is already gone, from `/proc/<pid>/stat`.
 fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-    let after_comm = stat.get(stat.rfind(')')? + 1..)?;
-    let mut fields = after_comm.split_whitespace();
-    let state = fields.next()?;
-    let parent = fields.next()?.parse().ok()?;
-    (state != "X").then_some(parent)
+    tree::stat_of(pid).map(|(parent, _)| parent)
 }
 
 /// The pidfd of the process at the other end of a Unix socket, as of its

@@ -1,0 +1,180 @@
+//! Stopping every process the bus started or adopted, when the bus stops.
+//!
+//! By the time [`stop_all`] runs, the bus has closed its connections, so a well-behaved
+//! service sees its bus go and exits on its own. For the first half of the grace period the
+//! broker only watches. Then every descendant still alive gets SIGTERM (and SIGCONT, so a
+//! stopped one can act on it), and so does each one found later (a process may fork while the
+//! broker looks). When the grace period is over, what is left is frozen with SIGSTOP, scanned
+//! again until no unfrozen process remains, and killed with SIGKILL. [`stop_all`] returns once
+//! no descendant is left at all, zombies included: the reaper, which runs meanwhile, has
+//! collected every one that was the broker's child.
+//!
+//! Time is tokio's clock, like every timeout of the bus.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::time::{Instant, sleep};
+use tracing::{debug, info, warn};
+
+use super::tree::{self, Descendant};
+
+/// How long, by default, the processes left at stop have before SIGKILL.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// How often the tree is scanned while processes are expected to go.
+const POLL: Duration = Duration::from_millis(20);
+
+/// How many SIGSTOP rounds may chase a tree that keeps forking before SIGKILL goes out anyway.
+const FREEZE_ROUNDS: usize = 50;
+
+/// After SIGKILL, how long processes may take to die and be reaped before the bus gives up on
+/// them (one in uninterruptible sleep, or one the broker may not signal).
+const AFTER_KILL: Duration = Duration::from_secs(5);
+
+/// Stops every descendant of the broker within `grace` (see the module's description), and
+/// returns once none is left, or once the ones that cannot be killed have been named in a
+/// warning.
+pub async fn stop_all(grace: Duration) {
+    let start = Instant::now();
+    if wait_until_gone(start + grace / 2).await {
+        return;
+    }
+    terminate_until(start + grace).await;
+    // Both do nothing when SIGTERM was enough and only zombies wait for the reaper.
+    freeze();
+    if !kill_until_gone(Instant::now() + AFTER_KILL).await {
+        let left: Vec<u32> = scan().iter().map(|d| d.pid).collect();
+        warn!(pids = ?left, "processes left behind by services did not end after SIGKILL");
+    }
+}
+
+/// Watches until no descendant is left (zombies included) or `deadline` passes; whether none is.
+async fn wait_until_gone(deadline: Instant) -> bool {
+    loop {
+        if scan().is_empty() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        sleep(POLL).await;
+    }
+}
+
+/// Sends SIGTERM to every living descendant, and to each one found later, until none is alive
+/// or `deadline` passes.
+async fn terminate_until(deadline: Instant) {
+    let mut signalled = HashSet::new();
+    loop {
+        let found = scan();
+        let fresh: Vec<&Descendant> = alive(&found)
+            .into_iter()
+            .filter(|d| !signalled.contains(&d.pid))
+            .collect();
+        if !fresh.is_empty() {
+            info!(
+                "stopping {} processes left behind by services: SIGTERM",
+                fresh.len()
+            );
+            for process in fresh {
+                signal(process, Signal::SIGTERM);
+                signal(process, Signal::SIGCONT);
+                signalled.insert(process.pid);
+            }
+        }
+        if alive(&found).is_empty() || Instant::now() >= deadline {
+            return;
+        }
+        sleep(POLL).await;
+    }
+}
+
+/// Freezes what is left: SIGSTOP to each living process, scanning again until a scan finds
+/// none that has not had it. A process with a signal pending cannot finish a `fork`, so each
+/// round can only find children forked before the last one's signals went out.
+fn freeze() {
+    let mut frozen = HashSet::new();
+    for _ in 0..FREEZE_ROUNDS {
+        let found = scan();
+        let fresh: Vec<&Descendant> = alive(&found)
+            .into_iter()
+            .filter(|d| !d.is_stopped() && !frozen.contains(&d.pid))
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        for process in fresh {
+            signal(process, Signal::SIGSTOP);
+            frozen.insert(process.pid);
+        }
+    }
+}
+
+/// Sends SIGKILL to every living descendant, and to each one found later (a process killed
+/// while it forked leaves a child behind), until none is left at all or `deadline` passes;
+/// whether none is.
+async fn kill_until_gone(deadline: Instant) -> bool {
+    let mut killed = HashSet::new();
+    loop {
+        let found = scan();
+        if found.is_empty() {
+            return true;
+        }
+        let fresh: Vec<&Descendant> = alive(&found)
+            .into_iter()
+            .filter(|d| !killed.contains(&d.pid))
+            .collect();
+        if !fresh.is_empty() {
+            info!(
+                "stopping {} processes left behind by services: SIGKILL",
+                fresh.len()
+            );
+            for process in fresh {
+                signal(process, Signal::SIGKILL);
+                killed.insert(process.pid);
+            }
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        sleep(POLL).await;
+    }
+}
+
+/// The living ones of a scan.
+fn alive(found: &[Descendant]) -> Vec<&Descendant> {
+    found.iter().filter(|d| d.is_alive()).collect()
+}
+
+/// The broker's descendants; none when `/proc` cannot be read (with a warning: without
+/// `/proc` there is no way to find them).
+fn scan() -> Vec<Descendant> {
+    tree::descendants().unwrap_or_else(|e| {
+        warn!("cannot scan for processes left behind by services: {e}");
+        Vec::new()
+    })
+}
+
+/// Signals `process` if its pid still names the process the scan saw: one that has ended and
+/// been reaped since could have given its pid to a process that is not the broker's. The
+/// parent is read again first; the new holder of a recycled pid has another parent (or is a
+/// sibling under the same parent, and so the broker's too).
+fn signal(process: &Descendant, signal: Signal) {
+    let me = std::process::id();
+    match tree::stat_of(process.pid) {
+        Some((parent, _)) if parent == process.parent || parent == me => {}
+        _ => return,
+    }
+    let name = std::fs::read_to_string(format!("/proc/{}/comm", process.pid)).unwrap_or_default();
+    debug!(pid = process.pid, name = name.trim_end(), %signal, "signalling a process left behind");
+    let pid = i32::try_from(process.pid).map(Pid::from_raw);
+    match pid.map(|pid| kill(pid, signal)) {
+        Ok(Ok(())) | Ok(Err(Errno::ESRCH)) => {}
+        Ok(Err(e)) => warn!(pid = process.pid, %signal, "cannot signal a process left behind: {e}"),
+        Err(_) => {}
+    }
+}
