@@ -51,6 +51,99 @@ pub struct Options {
     /// `broker run [OPTION]... [--] COMMAND [ARG]...`: COMMAND and its arguments, empty when
     /// none was given; `None` for the bus alone.
     pub run: Option<Vec<String>>,
+    /// `broker status | stop | logs ...`: a client of a running bus, not a bus.
+    pub control: Option<ControlCommand>,
+}
+
+/// What `broker status`, `broker stop` and `broker logs` do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlAction {
+    Status,
+    Stop,
+    Logs,
+}
+
+/// A command of the supervisor's command-line client (see `control`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlCommand {
+    pub action: ControlAction,
+    /// The service; `broker status` without it lists them all.
+    pub name: Option<String>,
+    /// `--address`; else `$DBUS_SESSION_BUS_ADDRESS` (or the system bus's with `--system`).
+    pub address: Option<String>,
+    pub system: bool,
+    /// `status --json`.
+    pub json: bool,
+    /// `logs -n N` (default 50).
+    pub lines: u32,
+    /// `logs -f`.
+    pub follow: bool,
+}
+
+/// The usage of the client commands, for `--help` and their errors.
+pub const CONTROL_USAGE: &str = concat!(
+    "       broker status [--json] [NAME] [--address=ADDRESS | --system]\n",
+    "       broker stop NAME [--address=ADDRESS | --system]\n",
+    "       broker logs NAME [-n N] [-f] [--address=ADDRESS | --system]\n",
+);
+
+impl ControlCommand {
+    /// Parses what follows `status`, `stop` or `logs`.
+    fn parse(
+        action: ControlAction,
+        args: impl Iterator<Item = String>,
+    ) -> Result<Self, UsageError> {
+        let mut cmd = ControlCommand {
+            action,
+            name: None,
+            address: None,
+            system: false,
+            json: false,
+            lines: 50,
+            follow: false,
+        };
+        let mut args = args.peekable();
+        while let Some(arg) = args.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+                _ => (arg.clone(), None),
+            };
+            let mut value = || {
+                inline
+                    .clone()
+                    .or_else(|| args.next())
+                    .ok_or_else(|| UsageError(format!("{flag} needs a value")))
+            };
+            match (flag.as_str(), action) {
+                ("--address", _) => cmd.address = Some(value()?),
+                ("--system", _) => cmd.system = true,
+                ("--json", ControlAction::Status) => cmd.json = true,
+                ("-n" | "--lines", ControlAction::Logs) => {
+                    let n = value()?;
+                    cmd.lines = n.parse().map_err(|_| {
+                        UsageError(format!("-n: {n:?} is not a whole number of lines"))
+                    })?;
+                }
+                ("-f" | "--follow", ControlAction::Logs) => cmd.follow = true,
+                (other, _) if other.starts_with('-') => {
+                    return Err(UsageError(format!("unknown option {other}")));
+                }
+                (name, _) if cmd.name.is_none() => cmd.name = Some(name.to_owned()),
+                (extra, _) => return Err(UsageError(format!("unexpected argument {extra}"))),
+            }
+        }
+        if cmd.name.is_none() && action != ControlAction::Status {
+            return Err(UsageError(format!(
+                "no service NAME given\nusage:\n{CONTROL_USAGE}"
+            )));
+        }
+        if cmd.system && cmd.address.is_some() {
+            return Err(UsageError(
+                "only one of --address and --system may be given".into(),
+            ));
+        }
+        Ok(cmd)
+    }
 }
 
 /// A command line that cannot be used; the text is a one-line reason.
@@ -98,10 +191,14 @@ pub fn help() -> String {
         .max()
         .unwrap_or(0);
     let mut text = String::from(
-        "usage: broker [OPTION]...\n       broker run [OPTION]... [--] COMMAND [ARG]...\n\
-         A D-Bus message bus that starts services on demand and keeps them as its children.\n\
+        "usage: broker [OPTION]...\n       broker run [OPTION]... [--] COMMAND [ARG]...\n",
+    );
+    text.push_str(CONTROL_USAGE);
+    text.push_str(
+        "A D-Bus message bus that starts services on demand and keeps them as its children.\n\
          broker run starts a private session bus, runs COMMAND with DBUS_SESSION_BUS_ADDRESS set\n\
-         to it, stops the bus and every service when COMMAND exits, and exits with COMMAND's status.\n\n",
+         to it, stops the bus and every service when COMMAND exits, and exits with COMMAND's status.\n\
+         broker status, stop and logs show, stop and read the services of a running bus.\n\n",
     );
     for (flag, what) in OPTIONS {
         text.push_str(&format!("  {flag:width$}  {what}\n"));
@@ -116,6 +213,17 @@ impl Options {
     pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options, UsageError> {
         let mut opts = Options::default();
         let mut args = args.into_iter().peekable();
+        let action = args.peek().and_then(|first| match first.as_str() {
+            "status" => Some(ControlAction::Status),
+            "stop" => Some(ControlAction::Stop),
+            "logs" => Some(ControlAction::Logs),
+            _ => None,
+        });
+        if let Some(action) = action {
+            args.next();
+            opts.control = Some(ControlCommand::parse(action, args)?);
+            return Ok(opts);
+        }
         if args.next_if(|first| first == "run").is_some() {
             opts.run = Some(Vec::new());
         }
@@ -415,5 +523,32 @@ mod tests {
             "--nofork takes no value"
         );
         assert!(parse(&["--config-file"]).is_err());
+    }
+
+    #[test]
+    fn client_commands_take_their_own_options() {
+        let control = |args: &[&str]| parse(args).map(|o| o.control.expect("a client command"));
+        let status = control(&["status", "--json", "--address", "unix:path=/b"]).unwrap();
+        assert_eq!(status.action, ControlAction::Status);
+        assert!(status.json && status.name.is_none());
+        assert_eq!(status.address.as_deref(), Some("unix:path=/b"));
+        let logs = control(&["logs", "a.B", "-n", "2", "-f", "--system"]).unwrap();
+        assert_eq!(logs.name.as_deref(), Some("a.B"));
+        assert_eq!((logs.lines, logs.follow, logs.system), (2, true, true));
+        assert_eq!(control(&["logs", "a.B"]).unwrap().lines, 50);
+        assert_eq!(
+            control(&["stop", "a.B"]).unwrap().action,
+            ControlAction::Stop
+        );
+        assert!(control(&["stop"]).is_err(), "stop needs a NAME");
+        assert!(control(&["stop", "a.B", "--json"]).is_err());
+        assert!(control(&["status", "-n", "3"]).is_err());
+        assert!(control(&["status", "a.B", "c.D"]).is_err());
+        assert!(control(&["logs", "a.B", "-n", "x"]).is_err());
+        assert!(control(&["status", "--system", "--address=unix:path=/b"]).is_err());
+        assert!(
+            parse(&["--session", "status"]).is_err(),
+            "status comes first"
+        );
     }
 }

@@ -7,6 +7,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod connection;
+pub mod control;
 pub mod daemon;
 /// The bus driver lives with the core it serves; `broker::driver` stays its public path.
 pub use bus::driver;

@@ -27,6 +27,9 @@ fn main() -> ExitCode {
         println!("broker {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
+    if let Some(command) = opts.control.take() {
+        return broker::control::main(command);
+    }
     if opts.introspect {
         print!("{}", broker::driver::introspect(broker::bus::DRIVER_PATH));
         return ExitCode::SUCCESS;

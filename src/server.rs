@@ -539,6 +539,9 @@ fn start_activation(
     if let Some(ms) = opts.start_limit_interval_ms {
         policy.limit_interval = Duration::from_millis(ms);
     }
+    if let Some(ms) = opts.stop_grace_ms {
+        policy.stop_grace = Duration::from_millis(ms);
+    }
     let mut activation = Activation::new(dirs, policy, Some(supervisor), starter);
     activation.systemd = opts.systemd_activation;
     watch::watch_dirs(activation.dirs_updates(), move |why| {

@@ -85,7 +85,7 @@ fn every_introspected_method_is_served() {
     let reply = client.reply_to(serial).expect("Introspect");
     let xml: String = reply.body().deserialize().expect("XML");
     let methods = introspected_methods(&xml);
-    assert_eq!(methods.len(), 29, "{methods:?}");
+    assert_eq!(methods.len(), 33, "{methods:?}");
     for (interface, method) in &methods {
         // The wrong arguments on purpose: no call changes anything, yet each reaches its method
         // (the caller is root, so the privileged ones too).

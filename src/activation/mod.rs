@@ -3,6 +3,7 @@
 
 pub mod files;
 mod queue;
+pub mod status;
 pub mod watch;
 
 pub use queue::{StartQueue, Started, Waiter};
@@ -19,6 +20,7 @@ use zbus::fdo;
 use crate::bus::error::BusError;
 use crate::supervisor::{ExitKind, SpawnError, SpawnSpec, Supervisor};
 use files::ServiceFile;
+use status::ServiceStatus;
 
 /// Variables of the broker's own environment that describe the broker's own service manager
 /// context and must not leak into the services it starts.
@@ -68,6 +70,8 @@ pub struct StartPolicy {
     /// After this many failed starts within `limit_interval`, further starts fail at once.
     pub limit_burst: usize,
     pub limit_interval: Duration,
+    /// How long a service stopped by `StopService` has after SIGTERM before SIGKILL.
+    pub stop_grace: Duration,
 }
 
 impl Default for StartPolicy {
@@ -76,6 +80,7 @@ impl Default for StartPolicy {
             timeout: Duration::from_secs(25),
             limit_burst: 5,
             limit_interval: Duration::from_secs(10),
+            stop_grace: crate::supervisor::DEFAULT_STOP_GRACE,
         }
     }
 }
@@ -150,6 +155,8 @@ pub struct Activation {
     starter: StarterBus,
     /// `--systemd-activation`: services with `SystemdService=` are started by systemd.
     pub systemd: bool,
+    /// What the supervisor interface reports of each service.
+    status: ServiceStatus,
 }
 
 impl Activation {
@@ -171,6 +178,7 @@ impl Activation {
             supervisor,
             starter,
             systemd: false,
+            status: ServiceStatus::default(),
         }
     }
 
@@ -248,6 +256,28 @@ impl Activation {
             }
         };
         Ok((service, pid))
+    }
+
+    /// What is known of each service's state.
+    pub fn status(&self) -> &ServiceStatus {
+        &self.status
+    }
+
+    pub fn status_mut(&mut self) -> &mut ServiceStatus {
+        &mut self.status
+    }
+
+    /// How long a stopped service has after SIGTERM before SIGKILL.
+    pub fn stop_grace(&self) -> Duration {
+        self.policy.stop_grace
+    }
+
+    /// The last `lines` lines of `name`'s output, oldest first (none on a bus that cannot
+    /// start services).
+    pub fn output_of(&self, name: &str, lines: usize) -> Vec<String> {
+        self.supervisor
+            .as_ref()
+            .map_or_else(Vec::new, |s| s.output_of(name, lines))
     }
 
     /// How long `service` may take to own its name: its file's timeout, or the bus's.

@@ -41,11 +41,36 @@ impl Bus {
         match self.activation.spawn(name) {
             Ok((service, pid)) => {
                 info!(service = name, pid, "activating");
+                if self.activation.status_mut().starting(name, pid) {
+                    self.service_state_changed(name);
+                }
                 let timeout = self.activation.timeout_of(&service);
                 let started = self.starts.record(name, service, pid, timeout, waiter);
                 self.arm_start_timer(name, &started);
             }
-            Err(failure) => self.fail_waiters(vec![waiter], &failure),
+            Err(failure) => {
+                if self.activation.is_activatable(name)
+                    && self.activation.status_mut().failed(name, failure.text())
+                {
+                    self.service_state_changed(name);
+                }
+                self.fail_waiters(vec![waiter], &failure)
+            }
+        }
+    }
+
+    /// Tells everyone who listens that `name`'s service has a new state
+    /// (`org.broker.Supervisor1.ServiceStateChanged`).
+    pub(super) fn service_state_changed(&mut self, name: &str) {
+        let state = self.activation.status().snapshot(name).state;
+        debug!(
+            service = name,
+            state = state.as_str(),
+            "service state changed"
+        );
+        match messages::service_state_changed(name, state.as_str()) {
+            Ok(msg) => self.broadcast(&msg),
+            Err(e) => warn!("cannot build ServiceStateChanged: {e}"),
         }
     }
 
@@ -105,6 +130,10 @@ impl Bus {
             return;
         };
         info!(service = name, owner = %self.unique_name(owner).unwrap_or("?"), "service took its name");
+        let pid = self.peers.get(&owner).map_or(0, |p| p.creds.pid);
+        if self.activation.status_mut().running(name, pid) {
+            self.service_state_changed(name);
+        }
         self.watch_owner(owner);
         for waiter in waiters {
             self.count_held(&waiter, false);
@@ -159,6 +188,13 @@ impl Bus {
     }
 
     pub(super) fn process_exited(&mut self, exit: ProcessEvent) {
+        let ended = self
+            .activation
+            .status_mut()
+            .process_exited(exit.pid, exit.status);
+        for name in ended {
+            self.service_state_changed(&name);
+        }
         if let Some(name) = self.starts.started_by(exit.pid) {
             match exit.status {
                 // It may have daemonized; its daemon still has time to take the name.
@@ -225,6 +261,9 @@ impl Bus {
         };
         warn!(service = name, "start failed: {failure}");
         self.activation.note_failure(name);
+        if self.activation.status_mut().failed(name, failure.text()) {
+            self.service_state_changed(name);
+        }
         self.fail_waiters(waiters, &failure);
     }
 
@@ -252,8 +291,12 @@ impl Bus {
         let Some(p) = self.peers.get(&peer) else {
             return;
         };
-        info!(peer = %p.unique, pid = p.creds.pid, "the process that owned this connection's names exited; dropping the connection");
+        let pid = p.creds.pid;
+        info!(peer = %p.unique, pid, "the process that owned this connection's names exited; dropping the connection");
         self.disconnect(peer);
+        for name in self.activation.status_mut().owner_gone(pid) {
+            self.service_state_changed(&name);
+        }
     }
 }
 

@@ -24,7 +24,7 @@ mod stop;
 mod tree;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::fmt;
 use std::io;
@@ -90,10 +90,19 @@ impl std::error::Error for SpawnError {
     }
 }
 
+/// How many lines of each service's output are kept in memory, for `GetOutput`.
+pub const OUTPUT_LINES: usize = 1000;
+
+/// The last [`OUTPUT_LINES`] lines of each service's stdout and stderr, together in arrival
+/// order, by service name. Shared between the tasks that read the services' output and the
+/// driver that reads it back; everything runs on the bus's one thread.
+pub type OutputLog = Rc<RefCell<HashMap<Rc<str>, VecDeque<String>>>>;
+
 /// Starts service processes and remembers which pid belongs to which
 /// service, so the reaper can name them.
 pub struct Supervisor {
     services: Rc<RefCell<HashMap<u32, Rc<str>>>>,
+    output: OutputLog,
 }
 
 impl Supervisor {
@@ -112,7 +121,20 @@ impl Supervisor {
         let (events, receiver) = mpsc::unbounded_channel();
         let services = Rc::default();
         tokio::task::spawn_local(reap_forever(sigchld, Rc::clone(&services), events, guard));
-        Ok((Supervisor { services }, receiver))
+        let output = OutputLog::default();
+        Ok((Supervisor { services, output }, receiver))
+    }
+
+    /// The last `lines` lines of `service`'s output, oldest first.
+    pub fn output_of(&self, service: &str, lines: usize) -> Vec<String> {
+        let output = self.output.borrow();
+        let Some(kept) = output.get(service) else {
+            return Vec::new();
+        };
+        kept.iter()
+            .skip(kept.len().saturating_sub(lines))
+            .cloned()
+            .collect()
     }
 
     /// Starts `spec` for `service` and returns its pid.
@@ -151,10 +173,10 @@ impl Supervisor {
         self.services.borrow_mut().insert(pid, Rc::clone(&service));
         info!(service = %service, pid, argv = ?spec.argv, "service process started");
         if let Some(stdout) = child.stdout.take() {
-            forward_output(stdout.into(), &service, pid, "stdout");
+            forward_output(stdout.into(), &service, pid, "stdout", &self.output);
         }
         if let Some(stderr) = child.stderr.take() {
-            forward_output(stderr.into(), &service, pid, "stderr");
+            forward_output(stderr.into(), &service, pid, "stderr", &self.output);
         }
         // Dropping a `Child` neither waits for nor kills it; the reaper
         // collects its status.
@@ -232,10 +254,18 @@ fn without_path_search(program: &str) -> PathBuf {
     }
 }
 
-fn forward_output(fd: OwnedFd, service: &Rc<str>, pid: u32, stream: &'static str) {
+fn forward_output(
+    fd: OwnedFd,
+    service: &Rc<str>,
+    pid: u32,
+    stream: &'static str,
+    output: &OutputLog,
+) {
     match pipe::Receiver::from_owned_fd(fd) {
         Ok(receiver) => {
-            tokio::task::spawn_local(log_lines(receiver, Rc::clone(service), pid, stream));
+            let kept = Rc::clone(output);
+            let service = Rc::clone(service);
+            tokio::task::spawn_local(log_lines(receiver, service, pid, stream, kept));
         }
         Err(err) => {
             warn!(service = %service, pid, stream, error = %err, "cannot read the service's output")
@@ -248,6 +278,7 @@ async fn log_lines(
     service: Rc<str>,
     pid: u32,
     stream: &'static str,
+    kept: OutputLog,
 ) {
     let mut reader = BufReader::new(output);
     let mut line = Vec::new();
@@ -263,6 +294,7 @@ async fn log_lines(
                 let text = line.strip_suffix(b"\n").unwrap_or(&line);
                 let text = String::from_utf8_lossy(text.strip_suffix(b"\r").unwrap_or(text));
                 info!(service = %service, pid, stream, "{text}");
+                keep_line(&kept, &service, text.into_owned());
             }
             Err(err) => {
                 debug!(service = %service, pid, stream, error = %err, "service output closed");
@@ -270,4 +302,15 @@ async fn log_lines(
             }
         }
     }
+}
+
+/// Appends `line` to what is kept of `service`'s output, dropping the oldest past
+/// [`OUTPUT_LINES`].
+fn keep_line(kept: &OutputLog, service: &Rc<str>, line: String) {
+    let mut kept = kept.borrow_mut();
+    let lines = kept.entry(Rc::clone(service)).or_default();
+    if lines.len() >= OUTPUT_LINES {
+        lines.pop_front();
+    }
+    lines.push_back(line);
 }

@@ -73,6 +73,16 @@ pub fn activatable_services_changed() -> zbus::Result<Message> {
     signal("ActivatableServicesChanged", None, &())
 }
 
+/// The interface of broker's own supervisor, served by the driver.
+pub const SUPERVISOR: &str = "org.broker.Supervisor1";
+
+/// `org.broker.Supervisor1.ServiceStateChanged`: `name`'s service is now in `state`.
+pub fn service_state_changed(name: &str, state: &str) -> zbus::Result<Message> {
+    Message::signal(DRIVER_PATH, SUPERVISOR, "ServiceStateChanged")
+        .sender(DRIVER)
+        .build(&(name, state))
+}
+
 /// systemd's `ActivationRequest`: asks systemd (`to`) to start `unit`.
 pub fn activation_request(to: &str, unit: &str) -> zbus::Result<Message> {
     Message::signal(DRIVER_PATH, ACTIVATOR, "ActivationRequest")

@@ -15,6 +15,7 @@ mod monitoring;
 mod peer;
 mod properties;
 mod stats;
+mod supervisor;
 mod support;
 
 use tracing::debug;
@@ -169,6 +170,18 @@ const INTERFACES: &[Interface] = &[
         ],
         canonical_path_only: false,
         emits: "",
+    },
+    Interface {
+        name: messages::SUPERVISOR,
+        methods: &[
+            Method::returns("ListServices", &[], &["aa{sv}"], supervisor::list_services),
+            Method::returns("GetService", &["s"], &["a{sv}"], supervisor::get_service),
+            Method::returns("StopService", &["s"], &[], supervisor::stop_service).privileged(),
+            Method::returns("GetOutput", &["s", "u"], &["as"], supervisor::get_output),
+        ],
+        canonical_path_only: true,
+        emits: r#"    <signal name="ServiceStateChanged"><arg type="s" name="name"/><arg type="s" name="state"/></signal>
+"#,
     },
 ];
 

@@ -4,7 +4,7 @@
 use zbus::names::BusName;
 use zbus::{Message, Type as ZType, fdo};
 
-use super::messages::DRIVER;
+use super::messages::{DRIVER, SUPERVISOR};
 use crate::bus::error::BusError;
 
 /// What a handler that returns its reply gives back: the reply, or the error to answer with.
@@ -18,13 +18,14 @@ pub(super) const STATS_IFACE: &str = "org.freedesktop.DBus.Debug.Stats";
 
 /// Every interface of the driver, in the order of the method table (a test checks that they
 /// agree).
-pub(super) const INTERFACE_NAMES: [&str; 6] = [
+pub(super) const INTERFACE_NAMES: [&str; 7] = [
     DRIVER,
     PROPERTIES_IFACE,
     INTROSPECTABLE_IFACE,
     MONITORING_IFACE,
     STATS_IFACE,
     PEER_IFACE,
+    SUPERVISOR,
 ];
 
 pub(super) fn unknown_method(interface: &str, member: &str) -> BusError {

@@ -15,7 +15,7 @@ fn each_method_is_in_the_table_once() {
             );
         }
     }
-    assert_eq!(seen.len(), 29);
+    assert_eq!(seen.len(), 33);
 }
 
 #[test]
