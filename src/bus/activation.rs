@@ -60,7 +60,7 @@ impl Bus {
     }
 
     /// Tells everyone who listens that `name`'s service has a new state
-    /// (`org.broker.Supervisor1.ServiceStateChanged`).
+    /// (`org.broker.Supervisor1.ServiceStateChanged`); with no listener, nothing is sent.
     pub(super) fn service_state_changed(&mut self, name: &str) {
         let state = self.activation.status().snapshot(name).state;
         debug!(
@@ -69,7 +69,8 @@ impl Bus {
             "service state changed"
         );
         match messages::service_state_changed(name, state.as_str()) {
-            Ok(msg) => self.broadcast(&msg),
+            Ok(msg) if self.has_listener(&msg) => self.broadcast(&msg),
+            Ok(_) => {}
             Err(e) => warn!("cannot build ServiceStateChanged: {e}"),
         }
     }

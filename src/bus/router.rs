@@ -213,6 +213,21 @@ impl Bus {
     }
 
     /// Sends a signal without a destination to every peer whose rules match it.
+    /// Whether a peer other than a monitor has a rule that takes `msg`. broker's own signals,
+    /// which dbus-daemon does not have, go out only then: a monitor then sees the very sequence
+    /// of messages that dbus-daemon sends (its test suite checks it).
+    pub(super) fn has_listener(&self, msg: &Message) -> bool {
+        let header = msg.header();
+        let candidates = self.index.candidates(
+            header.interface().map(|i| i.as_str()),
+            header.member().map(|m| m.as_str()),
+        );
+        drop(header);
+        self.matching_peers(msg, None, candidates)
+            .iter()
+            .any(|id| self.peers.get(id).is_some_and(|p| !p.monitor))
+    }
+
     pub fn broadcast(&mut self, msg: &Message) {
         let header = msg.header();
         let candidates = self.index.candidates(
