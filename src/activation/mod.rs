@@ -91,7 +91,7 @@ pub type StartFailure = BusError;
 /// The ways a start fails, with dbus-daemon's errors.
 impl StartFailure {
     /// No activation file provides `name`.
-    fn unknown(name: &str) -> StartFailure {
+    pub fn unknown(name: &str) -> StartFailure {
         fdo::Error::ServiceUnknown(format!(
             "The name {name} was not provided by any .service files"
         ))

@@ -8,8 +8,6 @@
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use nix::sys::signal::Signal;
-
 use crate::supervisor::ExitKind;
 
 /// Where a service is in its life.
@@ -127,7 +125,7 @@ impl ServiceStatus {
             }
             // A running daemon's spawned parent exiting is not the service's exit.
             if record.main_pid == pid || record.state != State::Running {
-                record.last_exit = describe_exit(status);
+                record.last_exit = status.to_string();
             }
             if record.main_pid == pid && record.state == State::Running {
                 record.main_pid = 0;
@@ -169,18 +167,6 @@ fn set_state(record: &mut Record, state: State) -> bool {
     let changed = record.state != state;
     record.state = state;
     changed
-}
-
-/// "exited with status 3", "killed by signal 9 (SIGKILL)".
-pub fn describe_exit(status: ExitKind) -> String {
-    match status {
-        ExitKind::Exited(code) => format!("exited with status {code}"),
-        ExitKind::Signaled(number, core) => {
-            let name = Signal::try_from(number).map_or("unknown", Signal::as_str);
-            let core = if core { ", core dumped" } else { "" };
-            format!("killed by signal {number} ({name}{core})")
-        }
-    }
 }
 
 #[cfg(test)]

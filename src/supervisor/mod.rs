@@ -185,33 +185,18 @@ impl Supervisor {
     }
 }
 
-/// The direct children of this process not yet reaped, found by scanning
-/// `/proc/*/stat` for our pid as parent. Activation uses it to tell whether a
+/// The direct children of this process not yet reaped, from one scan of
+/// `/proc` (see [`descendants`]). Activation uses it to tell whether a
 /// service that daemonized still has processes. Zombies count: one that forked
 /// and exited during the scan may have a child the listing missed, and its
 /// reap, still to come, triggers another look.
 pub fn children() -> io::Result<Vec<u32>> {
     let me = std::process::id();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc")? {
-        let Some(pid) = entry?
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse().ok())
-        else {
-            continue;
-        };
-        // A process may vanish between the listing and the read: skip it.
-        if parent_of(pid) == Some(me) {
-            found.push(pid);
-        }
-    }
-    Ok(found)
-}
-
-/// The parent of `pid` unless it is already gone, from `/proc/<pid>/stat`.
-fn parent_of(pid: u32) -> Option<u32> {
-    tree::stat_of(pid).map(|(parent, _)| parent)
+    Ok(descendants()?
+        .into_iter()
+        .filter(|d| d.parent == me)
+        .map(|d| d.pid)
+        .collect())
 }
 
 /// The pidfd of the process at the other end of a Unix socket, as of its

@@ -71,21 +71,8 @@ async fn terminate_until(deadline: Instant) {
     let mut signalled = HashSet::new();
     loop {
         let found = scan();
-        let fresh: Vec<&Descendant> = alive(&found)
-            .into_iter()
-            .filter(|d| !signalled.contains(&d.pid))
-            .collect();
-        if !fresh.is_empty() {
-            info!(
-                "stopping {} processes left behind by services: SIGTERM",
-                fresh.len()
-            );
-            for process in fresh {
-                signal(process, Signal::SIGTERM);
-                signal(process, Signal::SIGCONT);
-                signalled.insert(process.pid);
-            }
-        }
+        // SIGCONT too, so that a stopped process can act on the SIGTERM.
+        signal_fresh(&found, &mut signalled, &[Signal::SIGTERM, Signal::SIGCONT]);
         if alive(&found).is_empty() || Instant::now() >= deadline {
             return;
         }
@@ -124,24 +111,34 @@ async fn kill_until_gone(deadline: Instant) -> bool {
         if found.is_empty() {
             return true;
         }
-        let fresh: Vec<&Descendant> = alive(&found)
-            .into_iter()
-            .filter(|d| !killed.contains(&d.pid))
-            .collect();
-        if !fresh.is_empty() {
-            info!(
-                "stopping {} processes left behind by services: SIGKILL",
-                fresh.len()
-            );
-            for process in fresh {
-                signal(process, Signal::SIGKILL);
-                killed.insert(process.pid);
-            }
-        }
+        signal_fresh(&found, &mut killed, &[Signal::SIGKILL]);
         if Instant::now() >= deadline {
             return false;
         }
         sleep(POLL).await;
+    }
+}
+
+/// Sends `signals` to each living process of `found` not yet in `done`, and adds it there;
+/// logs at info how many, named by the first signal.
+fn signal_fresh(found: &[Descendant], done: &mut HashSet<u32>, signals: &[Signal]) {
+    let fresh: Vec<&Descendant> = alive(found)
+        .into_iter()
+        .filter(|d| !done.contains(&d.pid))
+        .collect();
+    if fresh.is_empty() {
+        return;
+    }
+    let name = signals.first().map_or("", |s| s.as_str());
+    info!(
+        "stopping {} processes left behind by services: {name}",
+        fresh.len()
+    );
+    for process in fresh {
+        for &sig in signals {
+            signal(process, sig);
+        }
+        done.insert(process.pid);
     }
 }
 

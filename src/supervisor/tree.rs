@@ -6,7 +6,7 @@
 //! into a parent map and walks it from the broker down; a process that forks during the scan
 //! may be missed, so callers that must catch everything scan again until a scan finds nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 
 /// One process under the broker, as one scan saw it.
@@ -69,12 +69,13 @@ fn walk(table: &HashMap<u32, (u32, char)>, root: u32) -> Vec<Descendant> {
         children.entry(parent).or_default().push(pid);
     }
     let mut found = Vec::new();
+    let mut seen = HashSet::new();
     let mut next = vec![root];
     while let Some(parent) = next.pop() {
         for &pid in children.get(&parent).into_iter().flatten() {
             // pid 0's "children" (1 and 2) are never below the broker; a cycle cannot occur,
             // but the guard keeps a corrupt table from looping.
-            if pid == root || pid == 0 || found.iter().any(|d: &Descendant| d.pid == pid) {
+            if pid == root || pid == 0 || !seen.insert(pid) {
                 continue;
             }
             let state = table.get(&pid).map_or('X', |&(_, state)| state);

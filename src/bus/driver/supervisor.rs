@@ -8,10 +8,11 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tracing::{debug, info, warn};
-use zbus::{Message, Variant as Value, fdo};
+use zbus::{Message, Variant as Value};
 
 use super::messages;
 use super::support::{Outcome, args};
+use crate::activation::StartFailure;
 use crate::activation::status::Snapshot;
 use crate::bus::error::BusError;
 use crate::bus::{Bus, PeerId};
@@ -106,10 +107,7 @@ fn known(bus: &Bus, name: &str) -> Result<(), BusError> {
     if bus.activation.is_activatable(name) {
         return Ok(());
     }
-    Err(fdo::Error::ServiceUnknown(format!(
-        "The name {name} was not provided by any .service files"
-    ))
-    .into())
+    Err(StartFailure::unknown(name))
 }
 
 /// The dictionary of one service.
