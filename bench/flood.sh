@@ -42,14 +42,14 @@
 # dbus-broker runs as bench/../shared/DESIGN.md says: under
 # systemd-socket-activate with dbus-broker-launch --scope user; if nothing
 # answers at /run/systemd/journal/socket, `broker-bench journal-sink` plays
-# the journal for the run and its socket is removed afterwards. The figures
-# are those of the `dbus-broker` child, not of the launcher.
+# the journal for the run and its socket is removed afterwards (bench/common.sh
+# does this for bench/run.sh too). The figures are those of the `dbus-broker`
+# child, not of the launcher.
 set -uo pipefail
 
 LOG_TAG=flood
 # shellcheck source=bench/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-JOURNAL=/run/systemd/journal/socket
 
 SMOKE=0
 BUSES="broker dbus-daemon busd dbus-broker"
@@ -96,10 +96,7 @@ declare -A RESULT    # "bus|workload.name" -> value
 declare -A UNAVAILABLE  # bus -> why it is not measured at all
 FAILURES=0
 WORK=""
-SINK_PID=""
-MADE_JOURNAL=0
 BUS_PID=""
-STOP_PIDS=()
 
 # --- setup -----------------------------------------------------------------------
 
@@ -111,91 +108,16 @@ check_buses() {
             broker) [[ -x $BROKER ]] || UNAVAILABLE[$bus]="not built" ;;
             dbus-daemon) command -v dbus-daemon >/dev/null || UNAVAILABLE[$bus]="not installed (apt-get install dbus-daemon)" ;;
             busd) install_busd || UNAVAILABLE[$bus]="cargo install busd failed" ;;
-            dbus-broker) check_dbus_broker ;;
+            dbus-broker) check_dbus_broker || UNAVAILABLE[$bus]=$DBUS_BROKER_WHY ;;
             *) UNAVAILABLE[$bus]="unknown bus" ;;
         esac
     done
 }
 
-check_dbus_broker() {
-    if ! command -v dbus-broker-launch >/dev/null && ((EUID == 0)); then
-        log "installing dbus-broker with apt-get"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y dbus-broker >&2 || true
-    fi
-    if ! command -v dbus-broker-launch >/dev/null; then
-        UNAVAILABLE[dbus-broker]="not installed (apt-get install dbus-broker)"
-    elif ! command -v systemd-socket-activate >/dev/null; then
-        UNAVAILABLE[dbus-broker]="systemd-socket-activate missing (apt-get install systemd)"
-    else
-        start_journal_sink || UNAVAILABLE[dbus-broker]="no journal socket at $JOURNAL"
-    fi
-}
-
-# dbus-broker-launch refuses to start without a journal: when nothing answers
-# at $JOURNAL, a sink of ours takes the place for this run.
-start_journal_sink() {
-    mkdir -p "$(dirname "$JOURNAL")" || return 1
-    "$BENCH" journal-sink "$JOURNAL" >"$WORK/journal.out" 2>&1 &
-    SINK_PID=$!
-    local _
-    for _ in $(seq 50); do
-        case $(head -n1 "$WORK/journal.out" 2>/dev/null) in
-            present) wait "$SINK_PID" 2>/dev/null; SINK_PID=""; return 0 ;;
-            ready) MADE_JOURNAL=1; log "fake journal at $JOURNAL"; return 0 ;;
-        esac
-        kill -0 "$SINK_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    log "journal sink did not start: $(cat "$WORK/journal.out")"
-    stop_pids "$SINK_PID"
-    SINK_PID=""
-    return 1
-}
-
-cleanup() {
-    ((${#STOP_PIDS[@]})) && stop_pids "${STOP_PIDS[@]}"
-    STOP_PIDS=()
-    if [[ -n $SINK_PID ]]; then
-        stop_pids "$SINK_PID"
-        SINK_PID=""
-    fi
-    if ((MADE_JOURNAL)); then
-        rm -f "$JOURNAL"
-        MADE_JOURNAL=0
-    fi
-}
-trap cleanup EXIT
-trap 'cleanup; exit 130' INT TERM
+trap stop_bench_processes EXIT
+trap 'stop_bench_processes; exit 130' INT TERM
 
 # --- buses -----------------------------------------------------------------------
-
-# Waits until FILE has a first line that matches PATTERN and PID still runs.
-wait_for_line() {
-    local file=$1 pattern=$2 pid=$3 _
-    for _ in $(seq 100); do
-        if head -n1 "$file" 2>/dev/null | grep -q "$pattern"; then return 0; fi
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.1
-    done
-    return 1
-}
-
-# TERM, up to 5 s of grace, then KILL; reaps our own children.
-stop_pids() {
-    local pid _
-    for pid in "$@"; do kill "$pid" 2>/dev/null; done
-    for _ in $(seq 50); do
-        local alive=0
-        for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        ((alive)) || break
-        sleep 0.1
-    done
-    for pid in "$@"; do
-        kill -KILL "$pid" 2>/dev/null
-        wait "$pid" 2>/dev/null
-    done
-    return 0
-}
 
 # Starts BUS fresh in DIR with the stock session configuration; sets ADDR,
 # BUS_PID (the process to measure) and STOP_PIDS (what to stop, in order).
@@ -224,31 +146,6 @@ start_printing() {
         STOP_PIDS=()
         return 1
     fi
-}
-
-# systemd-socket-activate starts the launcher on the first connection, and
-# the launcher forks the bus: wait until Hello works, then find the child.
-start_dbus_broker() {
-    local dir=$1 launcher
-    systemd-socket-activate -E XDG_RUNTIME_DIR="$dir" -E DBUS_SESSION_BUS_ADDRESS="$ADDR" \
-        -l "$dir/bus" dbus-broker-launch --scope user >"$dir/bus.log" 2>&1 &
-    launcher=$!
-    STOP_PIDS=("$launcher")
-    if ! timeout 20 "$BENCH" wait-bus --address "$ADDR" --timeout-s 15 2>>"$dir/bus.log"; then
-        START_ERROR="no Hello within 15 s: $(tail -n 2 "$dir/bus.log" | tr '\n' ' ')"
-        stop_pids "$launcher"
-        STOP_PIDS=()
-        return 1
-    fi
-    BUS_PID=$(pgrep -P "$launcher" -x dbus-broker | head -n1)
-    if [[ -z $BUS_PID ]]; then
-        START_ERROR="no dbus-broker child of the launcher"
-        stop_pids "$launcher"
-        STOP_PIDS=()
-        return 1
-    fi
-    # The bus first, so that the launcher reaps it.
-    STOP_PIDS=("$BUS_PID" "$launcher")
 }
 
 # --- workloads -------------------------------------------------------------------
@@ -453,7 +350,7 @@ main() {
             measure "$bus" "$kind"
         done
     done
-    cleanup
+    stop_bench_processes
     write_report
     cat "$OUT"
     log "run took $(elapsed)"

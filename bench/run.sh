@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# bench/run.sh: broker, dbus-daemon and busd side by side (issue 5).
+# bench/run.sh: broker, dbus-daemon, busd and dbus-broker side by side (issues 5, 13).
 #
-# Usage: bench/run.sh [--smoke] [--buses "broker dbus-daemon busd"]
-#                     [--out FILE] [--allow-failures] [--no-build]
+# Usage: bench/run.sh [--smoke] [--buses "broker dbus-daemon busd dbus-broker"]
+#                     [--rounds N] [--out FILE] [--allow-failures] [--no-build]
 #                     [--broker PATH]
 #
-#   --smoke           every workload, very briefly (seconds in all): proves the
-#                     harness works; writes target/bench/BENCHMARKS.smoke.md
-#                     unless --out is given. Figures from it mean nothing.
-#   --buses LIST      which buses to measure (default: all three, in turn).
+#   --smoke           every workload, very briefly and once (seconds in all):
+#                     proves the harness works; writes
+#                     target/bench/BENCHMARKS.smoke.md unless --out is given.
+#                     Figures from it mean nothing.
+#   --buses LIST      which buses to measure (default: all four, in turn).
+#   --rounds N        rounds of every workload (default 5, with --smoke 1);
+#                     each figure in the table is the median of the rounds.
 #   --out FILE        where to write the report (default: BENCHMARKS.md at
 #                     the repository root).
 #   --allow-failures  exit 0 even if a bus failed to start or a workload
@@ -18,16 +21,30 @@
 #   --broker PATH     measure this broker binary instead of building one.
 #
 # What it does: builds broker and broker-bench (release), installs busd 0.6.1
-# into bench-tools/ (ignored by git) if it is not there, raises the open-file
-# limit, then for each bus: starts it on a socket in a temporary directory,
-# waits for the address it prints, runs every workload, stops it. Each bus is
-# started three times: fresh for the memory workload, once for the other
-# workloads, and once with everything under `taskset -c 0` for the pinned
-# round trip. The p2p floor (the same client and echo peer, no bus) is
-# measured once in each mode; its throughput and payload figures show what
-# the load generator can do on its own. Progress and failures go to the terminal, bus
-# and peer logs stay in the temporary directory (its path is printed; it is
-# kept when something failed).
+# into bench-tools/ (ignored by git) if it is not there, and, as root, Debian's
+# dbus-broker and systemd (for systemd-socket-activate) with apt-get if they are
+# missing; raises the open-file limit, then for each bus: starts it on a socket
+# in a temporary directory, waits until it answers, runs the workloads, stops it.
+# Every workload runs N rounds (5), each a separate run of the workload, and the
+# table shows the median of the rounds: the round trips, throughput, broadcast,
+# payloads, churn and activation run their rounds one after the other against one
+# bus; the memory workload gets a fresh bus for every round; the pinned round
+# trip runs its rounds against a second bus started with everything under
+# `taskset -c 0`. The p2p floor (the same client and echo peer, no bus) is
+# measured the same way in each mode; its throughput and payload figures show
+# what the load generator can do on its own. Progress and failures go to the
+# terminal, bus and peer logs stay in the temporary directory (its path is
+# printed; it is kept when something failed).
+#
+# dbus-daemon, busd and dbus-broker read the same configuration (the stock
+# session.conf reduced to what the bench needs, written below); broker runs
+# with --session and --activation-dir. dbus-broker runs as
+# ../shared/DESIGN.md says (see bench/common.sh): dbus-broker-launch --scope user
+# under systemd-socket-activate, with a stand-in journal when the host has none;
+# its figures are those of the `dbus-broker` child, not of the launcher. It
+# cannot activate services without systemd (its launcher asks systemd to start
+# a unit, and StartServiceByName fails with "Could not activate remote peer:
+# unit failed"), and busd 0.6.1 has no activation: their activation cells say so.
 #
 # The load generator, bench/src (`broker-bench help` lists its modes):
 #   broker-bench echo-peer --address ADDR --name NAME | --listen PATH
@@ -40,15 +57,16 @@
 #   broker-bench activation --address A --name N                 -> p50_ms
 #   broker-bench memory     --address A --bus-pid PID            -> bytes_per_conn ...
 # Each workload prints `result NAME VALUE` lines on stdout; this script reads
-# them. Workloads: round trip = one 8-byte call in flight; throughput = 4
-# clients x 32 calls in flight over two echo peers; broadcast = 1 emitter,
-# 100 matching subscribers, 10 connections x 100 non-matching rules, median of
-# 5 rounds; payload = 64 KiB and 4 MiB round trips (MB = 10^6 bytes, one
-# direction); churn = connect, EXTERNAL auth, Hello, close; activation = cold
-# StartServiceByName of `broker-bench trivial-service`, declared by a
-# .service file in a temporary directory (dbus-daemon: <servicedir>, broker:
-# --activation-dir; busd has none), then Quit and wait for NameOwnerChanged;
-# memory = VmRSS of the bus idle and with 10,000 connections after Hello.
+# them. Workloads (one round each): round trip = one 8-byte call in flight;
+# throughput = 4 clients x 32 calls in flight over two echo peers; broadcast = 1
+# emitter, 100 matching subscribers, 10 connections x 100 non-matching rules,
+# the median of 5 timed bursts; payload = 64 KiB and 4 MiB round trips (MB =
+# 10^6 bytes, one direction); churn = connect, EXTERNAL auth, Hello, close;
+# activation = the p50 of 20 cold StartServiceByName of `broker-bench
+# trivial-service`, declared by a .service file in a temporary directory
+# (dbus-daemon: <servicedir>, broker: --activation-dir), each followed by Quit
+# and a wait for NameOwnerChanged; memory = VmRSS of a fresh bus, and with
+# 10,000 idle connections after Hello.
 set -euo pipefail
 
 LOG_TAG=bench
@@ -56,7 +74,8 @@ LOG_TAG=bench
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 SMOKE=0
-BUSES="broker dbus-daemon busd"
+BUSES="broker dbus-daemon busd dbus-broker"
+ROUNDS=""
 OUT=""
 ALLOW_FAILURES=0
 BUILD=1
@@ -66,6 +85,7 @@ while (($#)); do
     case $1 in
         --smoke) SMOKE=1 ;;
         --buses) BUSES=$2; shift ;;
+        --rounds) ROUNDS=$2; shift ;;
         --out) OUT=$2; shift ;;
         --allow-failures) ALLOW_FAILURES=1 ;;
         --no-build) BUILD=0 ;;
@@ -75,6 +95,16 @@ while (($#)); do
     esac
     shift
 done
+for bus in $BUSES; do
+    case $bus in
+        broker | dbus-daemon | busd | dbus-broker) ;;
+        *) echo "run.sh: unknown bus $bus (see --help)" >&2; exit 2 ;;
+    esac
+done
+if [[ -z $ROUNDS ]]; then
+    if ((SMOKE)); then ROUNDS=1; else ROUNDS=5; fi
+fi
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --rounds needs a positive number, not $ROUNDS" >&2; exit 2; }
 if [[ -z $OUT ]]; then
     if ((SMOKE)); then OUT=$TARGET/bench/BENCHMARKS.smoke.md; else OUT=$ROOT/BENCHMARKS.md; fi
 fi
@@ -104,9 +134,12 @@ else
     TIMEOUT=300
 fi
 
-declare -A RESULT   # "bus|key" -> value, e.g. "busd|rt.p50_us"
-declare -A STATUS   # bus -> "ok" | "failed to start"
+declare -A RESULT   # "bus|key" -> the values of the rounds, e.g. "busd|rt.p50_us" -> "31.2 30.9 ..."
+declare -A FAILED   # "bus|workload" -> how many rounds failed
+declare -A NA       # "bus|workload" -> why the bus cannot run it
+declare -A STATUS   # bus -> "ok" | "failed to start" | why it is not measured
 FAILURES=0
+ECHO_PIDS=()        # echo peers running, for the exit trap
 
 # --- setup -------------------------------------------------------------------
 
@@ -151,23 +184,19 @@ write_service_file() {
 
 # --- processes ---------------------------------------------------------------
 
-# Waits until FILE has a first line that matches PATTERN and PID still runs.
-wait_for_line() {
-    local file=$1 pattern=$2 pid=$3
-    for _ in $(seq 100); do
-        if head -n1 "$file" 2>/dev/null | grep -q "$pattern"; then return 0; fi
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.1
-    done
-    return 1
-}
-
 # Starts BUS (optionally under PREFIX, e.g. "taskset -c 0") in directory DIR;
-# sets BUS_PID and ADDR, or returns 1 if it does not come up.
+# sets BUS_PID (the process to measure), ADDR and STOP_PIDS (what to stop, in
+# order), or returns 1 if it does not come up.
 start_bus() {
     local bus=$1 dir=$2
     shift 2
     mkdir -p "$dir"
+    START_ERROR=""
+    if [[ $bus == dbus-broker ]]; then
+        DBUS_BROKER_CONFIG=$WORK/session.conf start_dbus_broker "$dir" "$@" && return 0
+        log "dbus-broker did not start: $START_ERROR"
+        return 1
+    fi
     local sock="unix:path=$dir/bus"
     local cmd
     case $bus in
@@ -177,101 +206,134 @@ start_bus() {
     esac
     "$@" "${cmd[@]}" >"$dir/address" 2>"$dir/bus.log" &
     BUS_PID=$!
+    STOP_PIDS=("$BUS_PID")
     if ! wait_for_line "$dir/address" '^unix:' "$BUS_PID"; then
         log "$bus did not print an address; its log ($dir/bus.log) ends with:"
         tail -n 5 "$dir/bus.log" >&2 || true
-        stop "$BUS_PID"
+        stop_bus
         return 1
     fi
     ADDR=$(head -n1 "$dir/address")
 }
 
+stop_bus() {
+    if ((${#STOP_PIDS[@]})); then stop_pids "${STOP_PIDS[@]}"; fi
+    STOP_PIDS=()
+}
+
 # start_echo OUT CMD...: starts an echo peer, waits until it is ready and
-# sets ECHO_PID (in this shell, so that `stop` can reap it).
+# adds it to ECHO_PIDS (in this shell, so that stop_echoes can reap it).
 start_echo() {
-    local out=$1
+    local out=$1 pid
     shift
     "$@" >"$out" 2>&1 &
-    ECHO_PID=$!
-    if ! wait_for_line "$out" '^ready' "$ECHO_PID"; then
+    pid=$!
+    ECHO_PIDS+=("$pid")
+    if ! wait_for_line "$out" '^ready' "$pid"; then
         log "echo peer did not start: $(tail -n 3 "$out")"
-        stop "$ECHO_PID"
         return 1
     fi
 }
 
-stop() {
-    local pid
-    for pid in "$@"; do
-        kill "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
+stop_echoes() {
+    if ((${#ECHO_PIDS[@]})); then stop_pids "${ECHO_PIDS[@]}"; fi
+    ECHO_PIDS=()
 }
+
+cleanup() {
+    stop_echoes
+    stop_bench_processes
+}
+trap cleanup EXIT
+trap 'cleanup; exit 130' INT TERM
 
 # --- workloads ---------------------------------------------------------------
 
-# run BUS KEY CMD...: runs one workload and records its `result NAME VALUE`
-# lines as RESULT[BUS|KEY.NAME].
+# run BUS KEY CMD...: runs one round of a workload and appends the values of
+# its `result NAME VALUE` lines to RESULT[BUS|KEY.NAME]; a failed round is
+# counted in FAILED[BUS|KEY].
 run() {
     local bus=$1 key=$2
     shift 2
     local out rc=0
-    log "$bus: $key"
+    log "$bus: $key (round $ROUND of $ROUNDS)"
     out=$(timeout "$TIMEOUT" "$@" 2>"$WORK/last.err") || rc=$?
     if ((rc != 0)); then
-        fail "$bus: $key (exit $rc): $(tail -n 3 "$WORK/last.err")"
-        RESULT["$bus|$key.failed"]=1
+        fail "$bus: $key, round $ROUND (exit $rc): $(tail -n 3 "$WORK/last.err")"
+        FAILED["$bus|$key"]=$((${FAILED["$bus|$key"]:-0} + 1))
         return 0
     fi
     local word name value
     while read -r word name value; do
-        [[ $word == result ]] && RESULT["$bus|$key.$name"]=$value
+        [[ $word == result ]] || continue
+        RESULT["$bus|$key.$name"]="${RESULT["$bus|$key.$name"]:+${RESULT["$bus|$key.$name"]} }$value"
     done <<<"$out"
 }
 
 p2p_floor() {
     local sock=$WORK/p2p.sock
-    start_echo "$WORK/p2p.out" "$BENCH" echo-peer --listen "$sock" || { fail "p2p echo peer"; return 0; }
-    run p2p rt "$BENCH" roundtrip --p2p "$sock" "${RT[@]}"
-    run p2p throughput "$BENCH" throughput --p2p "$sock" "${TP[@]}"
-    run p2p payload64k "$BENCH" payload --p2p "$sock" --size 65536 "${P64[@]}"
-    run p2p payload4m "$BENCH" payload --p2p "$sock" --size 4194304 "${P4M[@]}"
-    stop "$ECHO_PID"
-    start_echo "$WORK/p2p-pinned.out" taskset -c 0 "$BENCH" echo-peer --listen "$sock" || { fail "pinned p2p echo peer"; return 0; }
-    run p2p rt_pinned taskset -c 0 "$BENCH" roundtrip --p2p "$sock" "${RT[@]}"
-    stop "$ECHO_PID"
+    if start_echo "$WORK/p2p.out" "$BENCH" echo-peer --listen "$sock"; then
+        for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+            run p2p rt "$BENCH" roundtrip --p2p "$sock" "${RT[@]}"
+            run p2p throughput "$BENCH" throughput --p2p "$sock" "${TP[@]}"
+            run p2p payload64k "$BENCH" payload --p2p "$sock" --size 65536 "${P64[@]}"
+            run p2p payload4m "$BENCH" payload --p2p "$sock" --size 4194304 "${P4M[@]}"
+        done
+    else
+        fail "p2p echo peer"
+    fi
+    stop_echoes
+    if start_echo "$WORK/p2p-pinned.out" taskset -c 0 "$BENCH" echo-peer --listen "$sock"; then
+        for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+            run p2p rt_pinned taskset -c 0 "$BENCH" roundtrip --p2p "$sock" "${RT[@]}"
+        done
+    else
+        fail "pinned p2p echo peer"
+    fi
+    stop_echoes
 }
 
+# A fresh bus for every round: what a bus holds after one round's 10,000
+# connections have gone must not count in the next round's figures.
 measure_memory() {
     local bus=$1
-    start_bus "$bus" "$WORK/$bus-memory" || return 1
-    run "$bus" memory "$BENCH" memory --address "$ADDR" --bus-pid "$BUS_PID" "${MEM[@]}"
-    stop "$BUS_PID"
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        start_bus "$bus" "$WORK/$bus-memory-$ROUND" || return 1
+        run "$bus" memory "$BENCH" memory --address "$ADDR" --bus-pid "$BUS_PID" "${MEM[@]}"
+        stop_bus
+    done
 }
 
+# One bus for all the rounds of the traffic workloads: each round runs every
+# workload once, so that a slow spell of the machine spreads over all of them.
 measure_traffic() {
-    local bus=$1 e0="" e1=""
+    local bus=$1
     start_bus "$bus" "$WORK/$bus" || return 1
     local dir=$WORK/$bus
-    start_echo "$dir/echo0.out" "$BENCH" echo-peer --address "$ADDR" --name bench.Echo0 && e0=$ECHO_PID
-    start_echo "$dir/echo1.out" "$BENCH" echo-peer --address "$ADDR" --name bench.Echo1 && e1=$ECHO_PID
-    if [[ -z $e0 || -z $e1 ]]; then
+    if ! start_echo "$dir/echo0.out" "$BENCH" echo-peer --address "$ADDR" --name bench.Echo0 ||
+        ! start_echo "$dir/echo1.out" "$BENCH" echo-peer --address "$ADDR" --name bench.Echo1; then
         fail "$bus: echo peers did not start"
-        stop $e0 $e1 "$BUS_PID"
+        stop_echoes
+        stop_bus
         return 0
     fi
-    run "$bus" rt "$BENCH" roundtrip --address "$ADDR" --dest bench.Echo0 "${RT[@]}"
-    run "$bus" throughput "$BENCH" throughput --address "$ADDR" --dest bench.Echo0,bench.Echo1 "${TP[@]}"
-    run "$bus" broadcast "$BENCH" broadcast --address "$ADDR" "${BC[@]}"
-    run "$bus" payload64k "$BENCH" payload --address "$ADDR" --dest bench.Echo0 --size 65536 "${P64[@]}"
-    run "$bus" payload4m "$BENCH" payload --address "$ADDR" --dest bench.Echo0 --size 4194304 "${P4M[@]}"
-    run "$bus" churn "$BENCH" churn --address "$ADDR" "${CHURN[@]}"
-    if [[ $bus == busd ]]; then
-        RESULT["$bus|activation.p50_ms"]="n/a"
-    else
-        run "$bus" activation "$BENCH" activation --address "$ADDR" --name bench.Trivial "${ACT[@]}"
-    fi
-    stop "$e0" "$e1" "$BUS_PID"
+    case $bus in
+        busd) NA["$bus|activation"]="n/a (busd 0.6.1 has no activation)" ;;
+        dbus-broker) NA["$bus|activation"]="n/a (needs systemd)" ;;
+    esac
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        run "$bus" rt "$BENCH" roundtrip --address "$ADDR" --dest bench.Echo0 "${RT[@]}"
+        run "$bus" throughput "$BENCH" throughput --address "$ADDR" --dest bench.Echo0,bench.Echo1 "${TP[@]}"
+        run "$bus" broadcast "$BENCH" broadcast --address "$ADDR" "${BC[@]}"
+        run "$bus" payload64k "$BENCH" payload --address "$ADDR" --dest bench.Echo0 --size 65536 "${P64[@]}"
+        run "$bus" payload4m "$BENCH" payload --address "$ADDR" --dest bench.Echo0 --size 4194304 "${P4M[@]}"
+        run "$bus" churn "$BENCH" churn --address "$ADDR" "${CHURN[@]}"
+        if [[ -z ${NA["$bus|activation"]:-} ]]; then
+            run "$bus" activation "$BENCH" activation --address "$ADDR" --name bench.Trivial "${ACT[@]}"
+        fi
+    done
+    stop_echoes
+    stop_bus
 }
 
 measure_pinned() {
@@ -279,16 +341,34 @@ measure_pinned() {
     start_bus "$bus" "$WORK/$bus-pinned" taskset -c 0 || return 1
     if ! start_echo "$WORK/$bus-pinned/echo.out" taskset -c 0 "$BENCH" echo-peer --address "$ADDR" --name bench.Echo0; then
         fail "$bus: pinned echo peer did not start"
-        stop "$BUS_PID"
+        stop_echoes
+        stop_bus
         return 0
     fi
-    run "$bus" rt_pinned taskset -c 0 "$BENCH" roundtrip --address "$ADDR" --dest bench.Echo0 "${RT[@]}"
-    stop "$ECHO_PID" "$BUS_PID"
+    for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+        run "$bus" rt_pinned taskset -c 0 "$BENCH" roundtrip --address "$ADDR" --dest bench.Echo0 "${RT[@]}"
+    done
+    stop_echoes
+    stop_bus
+}
+
+# Whether BUS can run here at all; if not, STATUS says why.
+check_bus() {
+    local bus=$1
+    case $bus in
+        dbus-daemon) command -v dbus-daemon >/dev/null || STATUS[$bus]="not installed (apt-get install dbus-daemon)" ;;
+        busd) install_busd || STATUS[$bus]="not installed (cargo install busd failed)" ;;
+        dbus-broker) check_dbus_broker || STATUS[$bus]=$DBUS_BROKER_WHY ;;
+    esac
+    [[ -z ${STATUS[$bus]:-} ]] && return 0
+    fail "$bus: ${STATUS[$bus]}"
+    return 1
 }
 
 measure_bus() {
     local bus=$1
     log "=== $bus ==="
+    check_bus "$bus" || return 0
     if measure_memory "$bus" && measure_traffic "$bus" && measure_pinned "$bus"; then
         STATUS[$bus]=ok
     else
@@ -299,30 +379,73 @@ measure_bus() {
 
 # --- report ------------------------------------------------------------------
 
+# The median of the numbers in $1 (separated by spaces), or nothing.
+median() {
+    # shellcheck disable=SC2086  # the words are the values
+    printf '%s\n' $1 | sort -g | awk 'NF { v[++n] = $1 }
+        END { if (n % 2) print v[(n + 1) / 2]; else if (n) printf "%.6g\n", (v[n / 2] + v[n / 2 + 1]) / 2 }'
+}
+
+# The figure of BUS for KEY: the median of its rounds.
+figure() { median "${RESULT["$1|$2"]:-}"; }
+
+# The pinned round trip p50 of each bus as a multiple of the pinned p2p floor's
+# (the ratio of the medians); a row of its own, issue 13's target for it.
+floor_multiples() {
+    local floor bus value
+    floor=$(figure p2p rt_pinned.p50_us)
+    [[ -n $floor ]] || return 0
+    for bus in $BUSES; do
+        value=$(figure "$bus" rt_pinned.p50_us)
+        [[ -n $value ]] || continue
+        RESULT["$bus|rt_pinned.floor_multiple"]=$(awk -v a="$value" -v b="$floor" 'BEGIN { if (b > 0) printf "%.3f", a / b }')
+    done
+}
+
+thousands() { echo "$1" | sed ':a; s/\B[0-9]\{3\}\>/,&/; ta'; }
+
 # Rows: key|label. Arrows say which way is better.
 ROWS=(
     "rt.p50_us|Round trip p50 (µs) ↓"
     "rt.p99_us|Round trip p99 (µs) ↓"
     "rt_pinned.p50_us|Round trip p50, pinned to CPU 0 (µs) ↓"
     "rt_pinned.p99_us|Round trip p99, pinned to CPU 0 (µs) ↓"
+    "rt_pinned.floor_multiple|Round trip p50, pinned to CPU 0, × the pinned p2p floor ↓"
     "throughput.calls_per_s|Throughput, 4 clients × 32 in flight (calls/s) ↑"
-    "broadcast.deliveries_per_s|Broadcast to 100 subscribers, 1,000 other rules (deliveries/s, median) ↑"
+    "broadcast.deliveries_per_s|Broadcast to 100 subscribers, 1,000 other rules (deliveries/s) ↑"
     "payload64k.mb_per_s|Payload 64 KiB round trip (MB/s) ↑"
     "payload4m.mb_per_s|Payload 4 MiB round trip (MB/s) ↑"
     "churn.conns_per_s|Connection churn (connections/s) ↑"
     "activation.p50_ms|Activation, cold StartServiceByName p50 (ms) ↓"
-    "memory.idle_kib|RSS idle (KiB) ↓"
-    "memory.loaded_kib|RSS with $MEM_CONNS connections (KiB) ↓"
-    "memory.bytes_per_conn|Bytes per idle connection ↓"
+    "memory.idle_kib|RSS of a fresh bus (KiB) ↓"
+    "memory.loaded_kib|RSS with $(thousands "$MEM_CONNS") idle connections (KiB) ↓"
+    "memory.bytes_per_conn|Bytes per idle connection ($(thousands "$MEM_CONNS") connections) ↓"
 )
+REPORT_BUSES=(broker dbus-daemon busd dbus-broker)
 
-# The table cell for BUS and KEY.
+# The table cell for BUS and KEY: the median, or why there is none.
 cell() {
-    local bus=$1 key=$2
-    if [[ ${STATUS[$bus]:-} == "failed to start" ]]; then echo "failed to start"; return; fi
-    local value=${RESULT["$bus|$key"]:-}
-    if [[ -n $value ]]; then format "$value"; return; fi
-    if [[ -n ${RESULT["$bus|${key%%.*}.failed"]:-} ]]; then echo "failed"; else echo "—"; fi
+    local bus=$1 key=$2 workload=${2%%.*}
+    local status=${STATUS[$bus]:-}
+    if [[ -z $status ]]; then echo "—"; return; fi
+    if [[ $status != ok ]]; then cellify "$status"; return; fi
+    if [[ -n ${NA["$bus|$workload"]:-} ]]; then echo "${NA["$bus|$workload"]}"; return; fi
+    local value failed=${FAILED["$bus|$workload"]:-0}
+    value=$(figure "$bus" "$key")
+    if [[ -z $value ]]; then
+        if ((failed)); then echo "failed"; else echo "—"; fi
+        return
+    fi
+    value=$(format "$value")
+    ((failed)) && value+=" ($failed of $ROUNDS rounds failed)"
+    echo "$value"
+}
+
+# Text made safe for a table cell, cut to a readable length.
+cellify() {
+    local text=${1//|/\\|}
+    ((${#text} > 120)) && text="${text:0:117}..."
+    echo "$text"
 }
 
 format() {
@@ -330,8 +453,11 @@ format() {
     awk -v v="$1" 'BEGIN { if (v >= 100) printf "%.0f", v; else if (v >= 10) printf "%.1f", v; else printf "%.2f", v }'
 }
 
+# broker's figure over BUS's for KEY (medians), or — when either is missing.
 ratio() {
-    local a=${RESULT["$1|$3"]:-} b=${RESULT["$2|$3"]:-}
+    local a b
+    a=$(figure "$1" "$3")
+    b=$(figure "$2" "$3")
     if [[ ${STATUS[$1]:-} == ok && ${STATUS[$2]:-ok} == ok && $a =~ ^[0-9.]+$ && $b =~ ^[0-9.]+$ ]]; then
         awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "—" }'
     else
@@ -339,64 +465,85 @@ ratio() {
     fi
 }
 
+# One row of the table.
+table_row() {
+    local key=$1 label=$2 floor bus line
+    floor=$(figure p2p "$key")
+    line="| $label |"
+    for bus in "${REPORT_BUSES[@]}"; do line+=" $(cell "$bus" "$key") |"; done
+    if [[ -n $floor ]]; then line+=" $(format "$floor") |"; else line+="  |"; fi
+    for bus in dbus-daemon busd dbus-broker; do line+=" $(ratio broker "$bus" "$key") |"; done
+    if [[ $key == rt.* || $key == rt_pinned.p* ]]; then line+=" $(ratio broker p2p "$key") |"; else line+="  |"; fi
+    echo "$line"
+}
+
+versions() {
+    if ((BUILD_BROKER)); then
+        echo "- broker: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown) (release build)"
+    else
+        echo "- broker: $BROKER"
+    fi
+    echo "- $(dbus-daemon --version 2>/dev/null | head -n1 || true)"
+    echo "- $("$BUSD" --version 2>/dev/null || echo "busd: not installed")"
+    echo "- $(dbus-broker --version 2>/dev/null | head -n1 || true) (Debian package $(dpkg-query -W -f '${Version}' dbus-broker 2>/dev/null || echo "not installed"))"
+    echo "- $(rustc --version)"
+}
+
 write_report() {
     mkdir -p "$(dirname "$OUT")"
-    local cpu row key label floor
+    local cpu row rounds_text
     cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //' || echo unknown)
+    if ((ROUNDS == 1)); then rounds_text="one round"; else rounds_text="the median of $ROUNDS rounds"; fi
+    floor_multiples
     {
-        echo "# Benchmarks: broker, dbus-daemon and busd"
+        echo "# Benchmarks: broker, dbus-daemon, busd and dbus-broker"
         echo
         if ((SMOKE)); then echo "**Smoke run: every workload cut to almost nothing; these figures mean nothing.**"; echo; fi
         echo "Measured $(date -u '+%Y-%m-%d %H:%M UTC') in one run on one machine:"
-        echo "$(nproc) cores ($cpu), Linux $(uname -r)."
+        echo "$(nproc) cores ($cpu), Linux $(uname -r). Every figure is $rounds_text."
         echo
-        echo "| Workload | broker | dbus-daemon | busd | p2p floor (no bus) | broker / dbus-daemon | broker / busd | broker / p2p floor |"
-        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-        for row in "${ROWS[@]}"; do
-            key=${row%%|*}
-            label=${row#*|}
-            floor=${RESULT["p2p|$key"]:-}
-            printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" \
-                "$(cell broker "$key")" "$(cell dbus-daemon "$key")" "$(cell busd "$key")" \
-                "$([[ -n $floor ]] && format "$floor" || echo "")" \
-                "$(ratio broker dbus-daemon "$key")" "$(ratio broker busd "$key")" \
-                "$([[ $key == rt* ]] && ratio broker p2p "$key" || echo "")"
-        done
+        echo "| Workload | broker | dbus-daemon | busd | dbus-broker | p2p floor (no bus) | broker / dbus-daemon | broker / busd | broker / dbus-broker | broker / p2p floor |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        for row in "${ROWS[@]}"; do table_row "${row%%|*}" "${row#*|}"; done
         echo
         echo "↓ lower is better, ↑ higher is better. A bus not measured in this run shows —."
+        echo "Each round is a separate run of the workload: against one bus for the traffic"
+        echo "rows, against a fresh bus for every round of the memory rows (the broadcast"
+        echo "figure of a round is itself the median of 5 timed bursts)."
         echo "MB = 10^6 bytes of payload carried one way. Pinned: the bus, the client and the"
         echo "echo peer all run under \`taskset -c 0\`. The p2p floor is the same client and echo"
         echo "peer on a direct socket, without a bus: for round trips it is the floor, for"
         echo "throughput and payloads it shows that the load generator is not the bottleneck."
+        echo "dbus-broker runs under systemd-socket-activate with dbus-broker-launch --scope user"
+        echo "and the configuration dbus-daemon and busd read; it cannot activate services"
+        echo "without systemd, and busd 0.6.1 has no activation."
         echo
         echo "Versions:"
         echo
-        if ((BUILD_BROKER)); then
-            echo "- broker: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown) (release build)"
-        else
-            echo "- broker: $BROKER"
-        fi
-        echo "- $(dbus-daemon --version | head -n1)"
-        echo "- $("$BUSD" --version 2>/dev/null || echo "busd: not installed")"
-        echo "- $(rustc --version)"
+        versions
         echo
-        local cmd=bench/run.sh
-        ((${#ARGS[@]})) && cmd+=$(printf ' %q' "${ARGS[@]}")
-        echo "Reproduce with \`$cmd\` from the repository root;"
-        echo "the workloads are described at the top of bench/run.sh."
+        local repro=bench/run.sh
+        ((${#ARGS[@]})) && repro+=$(printf ' %q' "${ARGS[@]}")
+        echo "Reproduce with \`$repro\` from the repository root;"
+        echo "the workloads are described at the top of bench/run.sh. The run took $(elapsed)."
     } >"$OUT"
     log "wrote $OUT"
+}
+
+elapsed() {
+    local s=$((SECONDS - STARTED))
+    printf '%dm%02ds' $((s / 60)) $((s % 60))
 }
 
 # --- main ----------------------------------------------------------------------
 
 main() {
+    STARTED=$SECONDS
     ulimit -n "$(ulimit -Hn)"
     build
-    install_busd
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/broker-bench.XXXXXX")
     SVC=$WORK/services
-    log "working directory $WORK"
+    log "working directory $WORK; $ROUNDS round(s) of every workload"
     write_dbus_config
     write_service_file
     p2p_floor
@@ -404,8 +551,10 @@ main() {
     for bus in $BUSES; do
         measure_bus "$bus"
     done
+    stop_bench_processes
     write_report
     cat "$OUT"
+    log "run took $(elapsed)"
     if ((FAILURES)); then
         log "$FAILURES failure(s); logs kept in $WORK"
         ((ALLOW_FAILURES)) && return 0
