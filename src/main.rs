@@ -11,6 +11,14 @@ use broker::daemon::PrintFds;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // The bus's own helper (see broker::supervisor::spawner), exec'd by the bus; hidden.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == broker::supervisor::spawner::MODE_ARG)
+    {
+        let code = broker::supervisor::spawner::main();
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     purge_freed_pages_at_once();
     let mut opts = match Options::parse(std::env::args().skip(1)) {
         Ok(opts) => opts,

@@ -155,6 +155,7 @@ async fn run_with_bus(
         guid,
         address: address.clone(),
         notify_stopping: false,
+        spawner_exe: None,
     };
     let shutdown = async move {
         // A dropped sender stops the bus too.

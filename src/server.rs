@@ -108,6 +108,7 @@ async fn start(
         guid,
         address,
         notify_stopping: true,
+        spawner_exe: None,
     };
     let served = serve(setup, listeners, reloads, shutdown).await;
     // Removes the socket files, now that nothing listens on them.
@@ -188,6 +189,10 @@ pub struct BusSetup {
     /// Whether the service manager of `NOTIFY_SOCKET` is told `STOPPING=1` when the bus stops:
     /// `broker` is the service the manager started; a bus in a test's process is not.
     pub notify_stopping: bool,
+    /// The `broker` binary, exec'd as the spawner that starts every service under a keeper
+    /// of its own; `None`: this process's own executable. A bus inside a test binary names
+    /// the real `broker` here.
+    pub spawner_exe: Option<PathBuf>,
 }
 
 /// The bus itself: serves `setup` on `listeners` until `shutdown` resolves, and reads the
@@ -282,6 +287,8 @@ async fn stop(shared: &Shared, accepting: Vec<tokio::task::JoinHandle<()>>, grac
     };
     debug!(connections = closed, "connections closed");
     supervisor::stop_all(grace).await;
+    // The services' last words and their keepers' last reports are still in the pipes.
+    supervisor::drain_readers(Duration::from_secs(1)).await;
 }
 
 /// The core and what every connection task shares, with activation started; and the channel
@@ -295,6 +302,7 @@ fn start_bus(
         config,
         guid,
         address,
+        spawner_exe,
         ..
     } = setup;
     let mechanisms = mechanisms_of(&config)?;
@@ -306,7 +314,14 @@ fn start_bus(
         address,
         bus_type: config.bus_type.clone(),
     };
-    let activation = start_activation(&opts, &settings, starter, events.clone(), exits)?;
+    let activation = start_activation(
+        &opts,
+        &settings,
+        starter,
+        events.clone(),
+        exits,
+        spawner_exe,
+    )?;
     let mut bus = Bus::new(guid.clone(), settings.limits.clone(), activation, events);
     bus.apply_settings(settings);
     let reload_opts = opts.clone();
@@ -511,10 +526,27 @@ fn start_activation(
     starter: StarterBus,
     events: UnboundedSender<CoreEvent>,
     exits: Option<UnboundedSender<ProcessEvent>>,
+    spawner_exe: Option<PathBuf>,
 ) -> Result<Activation, String> {
     supervisor::become_subreaper().map_err(|e| format!("cannot become a child subreaper: {e}"))?;
-    let (supervisor, mut reaped) =
+    let (mut supervisor, mut reaped) =
         Supervisor::start().map_err(|e| format!("cannot start the reaper: {e}"))?;
+    let exe = match spawner_exe {
+        Some(exe) => exe,
+        None => std::env::current_exe()
+            .map_err(|e| format!("cannot find broker's own executable for its spawner: {e}"))?,
+    };
+    let mut gone = supervisor
+        .start_spawner(&exe)
+        .map_err(|e| format!("cannot start the spawner: {e}"))?;
+    let tell_gone = events.clone();
+    tokio::task::spawn_local(async move {
+        while let Some(instance) = gone.recv().await {
+            if tell_gone.send(CoreEvent::InstanceGone(instance)).is_err() {
+                return;
+            }
+        }
+    });
     let forward = events.clone();
     tokio::task::spawn_local(async move {
         while let Some(exit) = reaped.recv().await {

@@ -80,6 +80,7 @@ fn bus_in(dir: &Path, extra: &str, files: &[(&str, &str)], opts: Options) -> Tes
         opts,
         config,
         notify_stopping: false,
+        spawner_exe: Some(env!("CARGO_BIN_EXE_broker").into()),
     };
     TestBus {
         setup,

@@ -393,6 +393,37 @@ fn open_sockets(broker: &Broker) -> usize {
         .count()
 }
 
+/// The broker's open sockets once it is fully up: one is its channel to its spawner, made
+/// with the spawner (its child running `broker __spawner`) a moment after the address is out.
+fn settled_sockets(broker: &Broker) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let spawner_runs = || {
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| common::parent_pid(pid) == Some(broker.pid()))
+            .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
+            .any(|cmdline| cmdline.ends_with(b"__spawner\0"))
+    };
+    while !spawner_runs() {
+        assert!(
+            Instant::now() < deadline,
+            "the broker never started its spawner"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Sockets the start has in use for a moment (the spawner's other end) are closed by then.
+    let mut count = open_sockets(broker);
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = open_sockets(broker);
+        if now == count || Instant::now() >= deadline {
+            return now;
+        }
+        count = now;
+    }
+}
+
 /// Waits until the broker has `wanted` open sockets (or, with `at_most`, no more than that).
 fn wait_for_sockets(broker: &Broker, wanted: usize, at_most: bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -530,7 +561,7 @@ fn served_after_the_flood(broker: &Broker, baseline: usize) {
 #[test]
 fn a_flood_of_silent_connections_does_not_keep_a_new_client_out() {
     let broker = quiet_session_bus();
-    let baseline = open_sockets(&broker);
+    let baseline = settled_sockets(&broker);
     let size = flood_size();
     let flood: Vec<UnixStream> = (0..size)
         .map(|_| UnixStream::connect(&broker.socket).expect("connect"))
@@ -545,7 +576,7 @@ fn a_flood_of_silent_connections_does_not_keep_a_new_client_out() {
 #[test]
 fn a_flood_that_authenticates_and_never_says_hello_does_not_keep_a_new_client_out() {
     let broker = quiet_session_bus();
-    let baseline = open_sockets(&broker);
+    let baseline = settled_sockets(&broker);
     let size = flood_size();
     let flood: Vec<RawClient> = (0..size)
         .map(|_| RawClient::authenticate(&broker.socket, false))

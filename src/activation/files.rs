@@ -3,10 +3,12 @@
 //! Two formats are read from each activation directory:
 //!
 //! - our own `*.toml` files (`name`, `exec`, optional `environment`,
-//!   `working_directory`, `start_timeout_ms`; any other key is an error);
+//!   `working_directory`, `start_timeout_ms`, `leftovers`; any other key is
+//!   an error);
 //! - the standard `*.service` files with a `[D-BUS Service]` section, parsed
 //!   the way dbus-daemon parses them (`bus/desktop-file.c`), with `Exec`
-//!   split by a port of its `_dbus_shell_parse_argv`.
+//!   split by a port of its `_dbus_shell_parse_argv`, and broker's own
+//!   `X-Broker-Leftovers=` key.
 //!
 //! Loading never fails as a whole: a broken file is skipped with one
 //! [`LoadWarning`] and every other file still loads. The first definition of
@@ -41,8 +43,36 @@ pub struct ServiceFile {
     pub user: Option<String>,
     /// `SystemdService=` of a `.service` file.
     pub systemd_service: Option<String>,
+    /// What happens to the service's other processes when the process that owns its name
+    /// dies (`leftovers` in TOML, `X-Broker-Leftovers=` in `.service` files).
+    pub leftovers: Leftovers,
     /// The file this definition was read from.
     pub source: PathBuf,
+}
+
+/// What becomes of a service's remaining processes (helpers, forked children) when the
+/// process that owns its name dies. Stopping them is the default, so that a crashed service
+/// leaves nothing behind and its next start begins from a clean slate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Leftovers {
+    /// SIGTERM, then SIGKILL after the stop grace (`"stop"`).
+    #[default]
+    Stop,
+    /// Leave them running (`"keep"`); they are still stopped when the bus stops.
+    Keep,
+}
+
+impl Leftovers {
+    /// Parses the value as written in either file format; the error names the value.
+    pub fn parse(value: &str) -> Result<Leftovers, String> {
+        match value {
+            "stop" => Ok(Leftovers::Stop),
+            "keep" => Ok(Leftovers::Keep),
+            other => Err(format!(
+                "leftovers must be \"stop\" or \"keep\", not {other:?}"
+            )),
+        }
+    }
 }
 
 /// The result of scanning the activation directories.
@@ -271,6 +301,7 @@ struct TomlService {
     environment: Option<Spanned<BTreeMap<String, String>>>,
     working_directory: Option<Spanned<PathBuf>>,
     start_timeout_ms: Option<Spanned<u64>>,
+    leftovers: Option<Spanned<String>>,
 }
 
 fn parse_toml(text: &str, path: &Path) -> Result<ServiceFile, FileError> {
@@ -305,6 +336,11 @@ fn parse_toml(text: &str, path: &Path) -> Result<ServiceFile, FileError> {
         Some(ms) => Some(Duration::from_millis(ms.into_inner())),
         None => None,
     };
+    let leftovers = match raw.leftovers {
+        Some(value) => Leftovers::parse(value.get_ref())
+            .map_err(|message| FileError::new(at(value.span()), message))?,
+        None => Leftovers::default(),
+    };
     Ok(ServiceFile {
         name: raw.name.into_inner(),
         exec,
@@ -313,6 +349,7 @@ fn parse_toml(text: &str, path: &Path) -> Result<ServiceFile, FileError> {
         start_timeout,
         user: None,
         systemd_service: None,
+        leftovers,
         source: PathBuf::new(),
     })
 }
@@ -400,6 +437,12 @@ fn parse_dbus_service(text: &str) -> Result<ServiceFile, FileError> {
     let exec = required("Exec")?;
     let argv = split_exec(&exec.value)
         .map_err(|message| FileError::new(Some(exec.line), format!("Exec: {message}")))?;
+    let leftovers = match get("X-Broker-Leftovers") {
+        Some(entry) => Leftovers::parse(&entry.value).map_err(|message| {
+            FileError::new(Some(entry.line), format!("X-Broker-Leftovers: {message}"))
+        })?,
+        None => Leftovers::default(),
+    };
     Ok(ServiceFile {
         name: name.value.clone(),
         exec: argv,
@@ -408,6 +451,7 @@ fn parse_dbus_service(text: &str) -> Result<ServiceFile, FileError> {
         start_timeout: None,
         user: optional("User"),
         systemd_service: optional("SystemdService"),
+        leftovers,
         source: PathBuf::new(),
     })
 }
@@ -690,6 +734,7 @@ name = "org.example.Echo"
 exec = ["/usr/bin/echo-service", "--verbose"]
 working_directory = "/srv"
 start_timeout_ms = 1500
+leftovers = "keep"
 
 [environment]
 RUST_LOG = "debug"
@@ -710,6 +755,7 @@ LANG = "C"
                 start_timeout: Some(Duration::from_millis(1500)),
                 user: None,
                 systemd_service: None,
+                leftovers: Leftovers::Keep,
                 source: dir.path().join("echo.toml"),
             }
         );
@@ -810,8 +856,49 @@ LANG = "C"
                 start_timeout: None,
                 user: Some("nobody".into()),
                 systemd_service: Some("svc.service".into()),
+                leftovers: Leftovers::Stop,
                 source: dir.path().join("whatever.service"),
             }
+        );
+    }
+
+    #[test]
+    fn leftovers_policy_in_both_formats() {
+        let toml = |value: &str| {
+            let text =
+                format!("name = \"org.example.L\"\nexec = [\"/bin/l\"]\nleftovers = {value}\n");
+            load_one("l.toml", &text).1
+        };
+        assert_eq!(toml("\"stop\"").expect("loads").leftovers, Leftovers::Stop);
+        assert_eq!(toml("\"keep\"").expect("loads").leftovers, Leftovers::Keep);
+        for bad in ["\"Keep\"", "\"\"", "\"kill\""] {
+            let w = toml(bad).expect_err(bad);
+            assert_eq!(w.line, Some(3), "{bad}: {w}");
+            assert!(w.message.contains("leftovers"), "{bad}: {w}");
+        }
+        let w = toml("1").expect_err("a number");
+        assert_eq!(w.line, Some(3), "{w}");
+
+        let service = |value: &str| {
+            let text = format!(
+                "[D-BUS Service]\nName=org.example.L\nExec=/bin/l\nX-Broker-Leftovers={value}\n"
+            );
+            load_one("l.service", &text).1
+        };
+        assert_eq!(service("keep").expect("loads").leftovers, Leftovers::Keep);
+        assert_eq!(service("stop").expect("loads").leftovers, Leftovers::Stop);
+        let w = service("forever").expect_err("bad value");
+        assert_eq!(w.line, Some(4), "{w}");
+        assert!(
+            w.message.contains("X-Broker-Leftovers") && w.message.contains("forever"),
+            "{w}"
+        );
+        // Outside [D-BUS Service] the key is not broker's, as dbus-daemon ignores other sections.
+        let text =
+            "[D-BUS Service]\nName=org.example.L\nExec=/bin/l\n[Other]\nX-Broker-Leftovers=bad\n";
+        assert_eq!(
+            load_one("o.service", text).1.expect("loads").leftovers,
+            Leftovers::Stop
         );
     }
 

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use zbus::fdo;
 
 use crate::bus::error::BusError;
@@ -247,7 +247,7 @@ impl Activation {
             env: self.environment(&service),
             working_directory: service.working_directory.clone(),
         };
-        let pid = match supervisor.spawn(name, &spec) {
+        let pid = match supervisor.spawn_with_grace(name, &spec, self.policy.stop_grace) {
             Ok(pid) => pid,
             Err(e) => {
                 warn!(service = name, "cannot start: {e}");
@@ -256,6 +256,61 @@ impl Activation {
             }
         };
         Ok((service, pid))
+    }
+
+    /// Asks the keepers of `name`'s instances to stop every process of theirs (SIGTERM, then
+    /// SIGKILL after the stop grace); how many instances were asked.
+    pub fn stop_instances(&self, name: &str) -> usize {
+        self.supervisor.as_ref().map_or(0, |s| s.stop(name))
+    }
+
+    /// Stops `name`'s instances after its owner died or its start failed, unless its file
+    /// says `leftovers = "keep"`.
+    pub fn stop_leftovers(&self, name: &str) {
+        let keep = self
+            .services
+            .get(name)
+            .is_some_and(|s| s.leftovers == files::Leftovers::Keep);
+        if keep {
+            debug!(
+                service = name,
+                "leaving its processes running: leftovers = keep"
+            );
+            return;
+        }
+        let asked = self.stop_instances(name);
+        if asked > 0 {
+            info!(
+                service = name,
+                instances = asked,
+                "stopping the processes the service left behind"
+            );
+        }
+    }
+
+    /// The living processes of `name`'s instances, `main` first; just `main` where services
+    /// do not run under keepers.
+    pub fn processes_of(&self, name: &str, main: u32) -> Vec<u32> {
+        self.supervisor
+            .as_ref()
+            .and_then(|s| s.processes_of(name, main))
+            .unwrap_or_else(|| if main == 0 { Vec::new() } else { vec![main] })
+    }
+
+    /// The keeper of `name`'s newest live instance; 0 if none.
+    pub fn keeper_of(&self, name: &str) -> u32 {
+        self.supervisor
+            .as_ref()
+            .and_then(|s| s.keepers_of(name).last().copied())
+            .unwrap_or(0)
+    }
+
+    /// Whether anything is left of the start whose main process was `main` (`None`: unknown,
+    /// services do not run under keepers).
+    pub fn instance_is_live(&self, main: u32) -> Option<bool> {
+        self.supervisor
+            .as_ref()
+            .and_then(|s| s.instance_is_live(main))
     }
 
     /// What is known of each service's state.

@@ -59,15 +59,6 @@ impl Pending {
         self.held_bytes += waiter.message().data().len();
         self.waiters.push(waiter);
     }
-
-    /// SIGTERM to what is left of the start: the service runs in a process group of its own.
-    /// A start by systemd has no process of ours.
-    fn stop(&self) {
-        if self.pid != 0 {
-            let group = nix::unistd::Pid::from_raw(-(self.pid as i32));
-            let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGTERM);
-        }
-    }
 }
 
 /// A start that has begun: what its timer needs.
@@ -177,23 +168,23 @@ impl StartQueue {
         self.pending.values().any(|p| !p.daemonized && p.pid == pid)
     }
 
-    /// The start of `name` if `generation` is still the one in progress: stops what is left
-    /// of its process and says how long it had.
+    /// The start of `name` if `generation` is still the one in progress: how long it had.
+    /// The caller stops what is left of it (through its keeper).
     pub fn stop_timed_out(&self, name: &str, generation: u64) -> Option<Duration> {
         let pending = self
             .pending
             .get(name)
             .filter(|p| p.generation == generation)?;
-        pending.stop();
         Some(pending.timeout)
     }
 
-    /// At shutdown: stops the starts still in progress.
-    pub fn stop_all(&self) {
+    /// At shutdown: names the starts still in progress, which the caller stops (through their
+    /// keepers).
+    pub fn stop_all(&self) -> Vec<String> {
         for (name, pending) in &self.pending {
             info!(service = %name, pid = pending.pid, "stopping a start in progress");
-            pending.stop();
         }
+        self.pending.keys().cloned().collect()
     }
 
     /// The starts that systemd performs for `unit`.

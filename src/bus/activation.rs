@@ -13,7 +13,7 @@ use super::driver::messages;
 use super::events::CoreEvent;
 use super::{Bus, PeerId};
 use crate::activation::{StartFailure, Started, Waiter};
-use crate::supervisor::{self, ExitKind, ProcessEvent};
+use crate::supervisor::{self, ExitKind, InstanceGone, ProcessEvent};
 
 impl Bus {
     /// Makes `waiter` wait for `name`'s service, starting it unless a start is in progress.
@@ -194,12 +194,20 @@ impl Bus {
             .status_mut()
             .process_exited(exit.pid, exit.status);
         for name in ended {
+            // The process that owned the name died: what it left behind goes too.
             self.service_state_changed(&name);
+            self.activation.stop_leftovers(&name);
         }
         if let Some(name) = self.starts.started_by(exit.pid) {
             match exit.status {
-                // It may have daemonized; its daemon still has time to take the name.
-                ExitKind::Exited(0) => self.starts.mark_daemonized(&name),
+                // It may have daemonized; its daemon still has time to take the name, unless
+                // its keeper already said nothing of the start is left.
+                ExitKind::Exited(0) => {
+                    self.starts.mark_daemonized(&name);
+                    if self.activation.instance_is_live(exit.pid) == Some(false) {
+                        self.fail_start(&name, StartFailure::daemon_died(&name));
+                    }
+                }
                 status => self.fail_start(&name, StartFailure::exited(&name, status)),
             }
         }
@@ -244,8 +252,21 @@ impl Bus {
         }
     }
 
+    /// Every process of one start has ended: a start still waiting for a daemon it left
+    /// behind fails. (Without keepers, [`Bus::check_daemonized_starts`] finds this out.)
+    pub(super) fn instance_gone(&mut self, gone: &InstanceGone) {
+        if self.starts.started_by(gone.main).as_deref() != Some(gone.service.as_str()) {
+            return;
+        }
+        if self.starts.daemonized_starts().contains(&gone.service) {
+            self.fail_start(&gone.service, StartFailure::daemon_died(&gone.service));
+        }
+    }
+
     pub(super) fn start_timed_out(&mut self, name: &str, generation: u64) {
         if let Some(timeout) = self.starts.stop_timed_out(name, generation) {
+            // A start that timed out is stopped whatever its leftovers policy says.
+            self.activation.stop_instances(name);
             self.fail_start(name, StartFailure::timed_out(name, timeout));
         }
     }
@@ -253,7 +274,9 @@ impl Bus {
     /// At shutdown: stops the starts still in progress. Running services end on their own when
     /// their connection closes; a service still starting has none yet.
     pub fn stop_pending_starts(&mut self) {
-        self.starts.stop_all();
+        for name in self.starts.stop_all() {
+            self.activation.stop_instances(&name);
+        }
     }
 
     pub(super) fn fail_start(&mut self, name: &str, failure: StartFailure) {
@@ -261,6 +284,8 @@ impl Bus {
             return;
         };
         warn!(service = name, "start failed: {failure}");
+        // A failed start leaves nothing behind (unless its file keeps leftovers).
+        self.activation.stop_leftovers(name);
         self.activation.note_failure(name);
         if self.activation.status_mut().failed(name, failure.text()) {
             self.service_state_changed(name);
@@ -297,6 +322,7 @@ impl Bus {
         self.disconnect(peer);
         for name in self.activation.status_mut().owner_gone(pid) {
             self.service_state_changed(&name);
+            self.activation.stop_leftovers(&name);
         }
     }
 }

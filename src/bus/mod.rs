@@ -281,6 +281,7 @@ impl Bus {
                 self.start_timed_out(&name, generation)
             }
             CoreEvent::OwnerExited { peer } => self.owner_exited(peer),
+            CoreEvent::InstanceGone(gone) => self.instance_gone(&gone),
             CoreEvent::Reload(why) => {
                 info!("reloading activation files: {why}");
                 self.reload_activation();

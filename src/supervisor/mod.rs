@@ -1,26 +1,34 @@
 //! Spawning services and reaping every child process, the broker's own and
 //! the daemons re-parented to it.
 //!
-//! The broker is a child subreaper ([`become_subreaper`]), so a service that
-//! double-forks lands under the broker instead of init. One reaper task (see
-//! [`Supervisor::start`]) owns `waitpid` for the whole process: it wakes on
-//! `SIGCHLD`, reaps until nothing is left, logs each process and reports it as
-//! a [`ProcessEvent`]. Nothing else may wait for children: no
-//! `tokio::process`, no `std::process::Child::wait` (both would steal
-//! statuses from the reaper, or the reaper from them).
+//! The bus starts each service through its spawner ([`spawner`], exec'd once as
+//! `broker __spawner`), which forks a keeper per start (`keeper`): `bus -> spawner ->
+//! keeper -> service`. A keeper is a child subreaper in a process group of its own, so every
+//! process a start leads to, a daemon that double-forked and called `setsid` included, stays
+//! below it; its reports ([`protocol::KeeperReport`]) tell the bus which processes ended, and
+//! the end of its control socket that nothing of the start is left. The bus finds a service's
+//! processes below its keepers, and stops them by asking the keepers (SIGTERM, SIGKILL after
+//! the grace). Since a service is not in the bus's process group, a Ctrl-C, Ctrl-\ or Ctrl-Z
+//! typed at the broker's terminal reaches the broker alone, which decides when services stop.
 //!
-//! Every service is started in a process group of its own (its pid is the
-//! group id). A Ctrl-C, Ctrl-\ or Ctrl-Z typed at the broker's terminal then
-//! reaches the broker alone, and the broker stays the one place that decides
-//! when services stop (it can signal a service and its helpers with
-//! `killpg(pid, ..)`), instead of every service receiving the terminal's
-//! signal at the same moment the broker starts shutting them down.
+//! The broker itself is a child subreaper too ([`become_subreaper`]), and one reaper task (see
+//! [`Supervisor::start`]) owns `waitpid` for the bus's process: it wakes on `SIGCHLD`, reaps
+//! until nothing is left, logs each process and reports it as a [`ProcessEvent`]; keepers'
+//! reports join that stream. Nothing else in the bus may wait for children: no
+//! `tokio::process`, no `std::process::Child::wait` (both would steal statuses from the
+//! reaper, or the reaper from them). A [`Supervisor`] without a spawner (the library's own
+//! tests) starts services as its direct children, each in a process group of its own.
 //!
 //! Everything here runs on the bus's single-threaded runtime; [`Supervisor`]
 //! is deliberately not `Send`.
 
+mod instances;
+mod keeper;
+pub mod protocol;
 mod reaper;
+pub mod spawner;
 mod stop;
+pub mod system;
 mod tree;
 
 use std::cell::RefCell;
@@ -41,10 +49,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+pub use instances::InstanceGone;
 pub use reaper::{ExitKind, ProcessEvent};
 use reaper::{ReaperGuard, reap_forever};
 pub use stop::{DEFAULT_STOP_GRACE, stop_all};
-pub use tree::{Descendant, descendants};
+pub use tree::{Descendant, descendants, descendants_of};
 
 /// Marks this process a child subreaper (`PR_SET_CHILD_SUBREAPER`), so
 /// orphaned descendants are re-parented to it rather than to init.
@@ -90,6 +99,37 @@ impl std::error::Error for SpawnError {
     }
 }
 
+/// How many tasks still read a service's output or a keeper's reports.
+static READERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts one reader in [`READERS`] for as long as it lives.
+struct Reader;
+
+impl Reader {
+    fn new() -> Reader {
+        READERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Reader
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        READERS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// At the bus's stop, once every process has ended: waits (at most `limit`) until what the
+/// services wrote and what their keepers reported last has been read and logged. Every write
+/// end is closed by then, so each reader soon reaches its end.
+pub async fn drain_readers(limit: std::time::Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while READERS.load(std::sync::atomic::Ordering::Relaxed) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 /// How many lines of each service's output are kept in memory, for `GetOutput`.
 pub const OUTPUT_LINES: usize = 1000;
 
@@ -103,6 +143,10 @@ pub type OutputLog = Rc<RefCell<HashMap<Rc<str>, VecDeque<String>>>>;
 pub struct Supervisor {
     services: Rc<RefCell<HashMap<u32, Rc<str>>>>,
     output: OutputLog,
+    /// The reaper's stream, which keepers' reports of their processes' ends join.
+    events: mpsc::UnboundedSender<ProcessEvent>,
+    /// Set once the spawner runs: services then start through keepers.
+    keepers: Option<instances::Keepers>,
 }
 
 impl Supervisor {
@@ -120,9 +164,64 @@ impl Supervisor {
         let sigchld = signal(SignalKind::child())?;
         let (events, receiver) = mpsc::unbounded_channel();
         let services = Rc::default();
-        tokio::task::spawn_local(reap_forever(sigchld, Rc::clone(&services), events, guard));
+        let reaper_events = events.clone();
+        tokio::task::spawn_local(reap_forever(
+            sigchld,
+            Rc::clone(&services),
+            reaper_events,
+            guard,
+        ));
         let output = OutputLog::default();
-        Ok((Supervisor { services, output }, receiver))
+        let supervisor = Supervisor {
+            services,
+            output,
+            events,
+            keepers: None,
+        };
+        Ok((supervisor, receiver))
+    }
+
+    /// Starts the spawner (`exe __spawner`): from then on each service start runs under a
+    /// keeper of its own, which knows exactly which processes belong to it (see
+    /// [`spawner`] and `keeper`). Returns the stream of instances that have ended entirely.
+    /// Without this, services are the supervisor's own children, as the library's tests use it.
+    pub fn start_spawner(
+        &mut self,
+        exe: &Path,
+    ) -> io::Result<mpsc::UnboundedReceiver<InstanceGone>> {
+        let (keepers, gone) = instances::Keepers::start(exe)?;
+        self.keepers = Some(keepers);
+        Ok(gone)
+    }
+
+    /// The spawner's pid, if it runs.
+    pub fn spawner_pid(&self) -> Option<u32> {
+        self.keepers.as_ref().map(instances::Keepers::spawner_pid)
+    }
+
+    /// Asks every keeper of `service` to stop its processes (SIGTERM, SIGKILL after its grace).
+    /// Returns how many were asked.
+    pub fn stop(&self, service: &str) -> usize {
+        self.keepers.as_ref().map_or(0, |k| k.stop(service))
+    }
+
+    /// The living processes of `service`'s instances, `main` first if alive; `None` when
+    /// services do not run under keepers.
+    pub fn processes_of(&self, service: &str, main: u32) -> Option<Vec<u32>> {
+        self.keepers.as_ref().map(|k| k.processes_of(service, main))
+    }
+
+    /// Whether any process is left of the start whose main process was `main`; `None` when
+    /// services do not run under keepers.
+    pub fn instance_is_live(&self, main: u32) -> Option<bool> {
+        self.keepers.as_ref().map(|k| k.is_live(main))
+    }
+
+    /// The keepers of `service`'s live instances, oldest first.
+    pub fn keepers_of(&self, service: &str) -> Vec<u32> {
+        self.keepers
+            .as_ref()
+            .map_or_else(Vec::new, |k| k.keepers_of(service))
     }
 
     /// The last `lines` lines of `service`'s output, oldest first.
@@ -144,13 +243,43 @@ impl Supervisor {
     /// for here: its end arrives as a [`ProcessEvent`]. An exec that fails
     /// is reported here only, with no event.
     pub fn spawn(&self, service: &str, spec: &SpawnSpec) -> Result<u32, SpawnError> {
+        self.spawn_with_grace(service, spec, DEFAULT_STOP_GRACE)
+    }
+
+    /// [`Supervisor::spawn`], where a keeper, if services run under keepers, gives the
+    /// service's processes `grace` between SIGTERM and SIGKILL when it stops them.
+    pub fn spawn_with_grace(
+        &self,
+        service: &str,
+        spec: &SpawnSpec,
+        grace: std::time::Duration,
+    ) -> Result<u32, SpawnError> {
+        if let Some(keepers) = &self.keepers {
+            let started = keepers.spawn(service, spec, grace, &self.events)?;
+            let service = Rc::from(service);
+            forward_output(
+                started.stdout,
+                &service,
+                started.main,
+                "stdout",
+                &self.output,
+            );
+            forward_output(
+                started.stderr,
+                &service,
+                started.main,
+                "stderr",
+                &self.output,
+            );
+            return Ok(started.main);
+        }
         let Some((program, args)) = spec.argv.split_first() else {
             return Err(SpawnError {
                 program: String::new(),
                 source: io::Error::new(io::ErrorKind::InvalidInput, "empty argv"),
             });
         };
-        let mut command = Command::new(without_path_search(program));
+        let mut command = Command::new(keeper::without_path_search(program));
         command
             .arg0(program)
             .args(args)
@@ -229,16 +358,6 @@ pub async fn wait_exit(pidfd: &OwnedFd) -> io::Result<()> {
 /// never writes a newline cannot grow the broker's memory.
 const MAX_LINE: u64 = 16 * 1024;
 
-/// `std::process::Command` searches PATH for a program without a `/`;
-/// naming it `./program` executes it as given instead.
-fn without_path_search(program: &str) -> PathBuf {
-    if program.contains('/') {
-        PathBuf::from(program)
-    } else {
-        Path::new(".").join(program)
-    }
-}
-
 fn forward_output(
     fd: OwnedFd,
     service: &Rc<str>,
@@ -250,7 +369,11 @@ fn forward_output(
         Ok(receiver) => {
             let kept = Rc::clone(output);
             let service = Rc::clone(service);
-            tokio::task::spawn_local(log_lines(receiver, service, pid, stream, kept));
+            let reader = Reader::new();
+            tokio::task::spawn_local(async move {
+                log_lines(receiver, service, pid, stream, kept).await;
+                drop(reader);
+            });
         }
         Err(err) => {
             warn!(service = %service, pid, stream, error = %err, "cannot read the service's output")

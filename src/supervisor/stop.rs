@@ -12,6 +12,7 @@
 //! Time is tokio's clock, like every timeout of the bus.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -52,10 +53,16 @@ pub async fn stop_all(grace: Duration) {
     }
 }
 
-/// Watches until no descendant is left (zombies included) or `deadline` passes; whether none is.
+/// The spawner's pid (0: none). It lives as long as the bus, and has nothing of its own to
+/// stop once its keepers are gone, so waiting for the services to leave does not wait for it.
+pub(super) static SPAWNER: AtomicU32 = AtomicU32::new(0);
+
+/// Watches until no descendant is left (zombies included) but the spawner, or `deadline`
+/// passes; whether none is.
 async fn wait_until_gone(deadline: Instant) -> bool {
+    let spawner = SPAWNER.load(Ordering::Relaxed);
     loop {
-        if scan().is_empty() {
+        if scan().iter().all(|d| d.pid == spawner) {
             return true;
         }
         if Instant::now() >= deadline {
@@ -95,8 +102,9 @@ fn freeze() {
             return;
         }
         for process in fresh {
-            signal(process, Signal::SIGSTOP);
-            frozen.insert(process.pid);
+            if signal(process, Signal::SIGSTOP) {
+                frozen.insert(process.pid);
+            }
         }
     }
 }
@@ -135,15 +143,20 @@ fn signal_fresh(found: &[Descendant], done: &mut HashSet<u32>, signals: &[Signal
         fresh.len()
     );
     for process in fresh {
+        // One re-parented since the scan (its keeper or the spawner died) is signalled after
+        // the next scan, which sees its new parent.
+        let mut sent = true;
         for &sig in signals {
-            signal(process, sig);
+            sent &= signal(process, sig);
         }
-        done.insert(process.pid);
+        if sent {
+            done.insert(process.pid);
+        }
     }
 }
 
 /// The living ones of a scan.
-fn alive(found: &[Descendant]) -> Vec<&Descendant> {
+pub(super) fn alive(found: &[Descendant]) -> Vec<&Descendant> {
     found.iter().filter(|d| d.is_alive()).collect()
 }
 
@@ -160,11 +173,15 @@ fn scan() -> Vec<Descendant> {
 /// been reaped since could have given its pid to a process that is not the broker's. The
 /// parent is read again first; the new holder of a recycled pid has another parent (or is a
 /// sibling under the same parent, and so the broker's too).
-fn signal(process: &Descendant, signal: Signal) {
+///
+/// Returns false when the pid was not signalled because its parent changed: gone, or
+/// re-parented since the scan (to the broker, the spawner or a keeper, when one in between
+/// died), which the next scan shows.
+pub(super) fn signal(process: &Descendant, signal: Signal) -> bool {
     let me = std::process::id();
     match tree::stat_of(process.pid) {
         Some((parent, _)) if parent == process.parent || parent == me => {}
-        _ => return,
+        _ => return false,
     }
     let name = std::fs::read_to_string(format!("/proc/{}/comm", process.pid)).unwrap_or_default();
     debug!(pid = process.pid, name = name.trim_end(), %signal, "signalling a process left behind");
@@ -174,4 +191,5 @@ fn signal(process: &Descendant, signal: Signal) {
         Ok(Err(e)) => warn!(pid = process.pid, %signal, "cannot signal a process left behind: {e}"),
         Err(_) => {}
     }
+    true
 }

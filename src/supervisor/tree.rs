@@ -32,7 +32,13 @@ impl Descendant {
 
 /// Every process below the broker (zombies included), parents before their children.
 pub fn descendants() -> io::Result<Vec<Descendant>> {
-    Ok(walk(&scan()?, std::process::id()))
+    descendants_of(std::process::id())
+}
+
+/// Every process below `root` (zombies included), parents before their children. A keeper
+/// walks from its own pid: as a subreaper, everything its service started stays below it.
+pub fn descendants_of(root: u32) -> io::Result<Vec<Descendant>> {
+    Ok(walk(&scan()?, root))
 }
 
 /// The parent and state of `pid` from `/proc/<pid>/stat`; `None` once it is gone.

@@ -572,3 +572,22 @@ pub fn open_config(extra: &str) -> String {
         "  <policy context=\"default\">{ALLOW_ALL}\n  </policy>\n  {extra}"
     ))
 }
+
+/// The parent of `pid` from `/proc/PID/stat`; `None` once it is gone.
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = stat.rsplit_once(')')?.1;
+    after_comm.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The ancestors of `pid`, its parent first, up to init (or as far as they still exist).
+/// A service of the bus descends from it through the spawner and the service's keeper.
+pub fn ancestors(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut at = pid;
+    while let Some(parent) = parent_pid(at).filter(|&p| p > 1 && !found.contains(&p)) {
+        found.push(parent);
+        at = parent;
+    }
+    found
+}
