@@ -5,8 +5,9 @@
 //!
 //! - `Pid() -> u32` is this process's pid;
 //! - `HelperPid() -> u32` is the helper's;
-//! - `Quit()` replies, then the service exits with status 0 and the helper lives on (the
-//!   broker, as subreaper, adopts it).
+//! - `Quit()` replies, then the service exits with status 0 and leaves the helper behind (its
+//!   keeper, a subreaper, adopts it; the broker stops it after the grace period unless the
+//!   activation file says `leftovers = "keep"`).
 //!
 //! It also exits with status 0, leaving the helper, when the bus closes its connection. With
 //! `--ignore-term` the helper ignores SIGTERM, as a stubborn leftover does: only SIGKILL ends
