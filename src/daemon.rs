@@ -244,10 +244,29 @@ fn running_pid_in(path: &Path) -> Option<String> {
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.0) {
-            warn!("cannot remove the pid file {}: {e}", self.0.display());
+        match std::fs::remove_file(&self.0) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::PermissionDenied && has_dropped_privileges() => {
+                debug!(
+                    "leaving the pid file {}: the bus's <user> may not remove it ({e}); the \
+                     next start replaces it as stale",
+                    self.0.display()
+                );
+            }
+            Err(e) => warn!("cannot remove the pid file {}: {e}", self.0.display()),
         }
     }
+}
+
+/// Set once [`become_user`] has changed users.
+static DROPPED_PRIVILEGES: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the bus has dropped from root to its `<user>`: files root made for it in root's
+/// directories (`/run/dbus/pid`, `/run/dbus/system_bus_socket`) are then out of its reach at
+/// exit, as for dbus-daemon, and are left for the next start to replace.
+pub fn has_dropped_privileges() -> bool {
+    DROPPED_PRIVILEGES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// `<user>`: a bus started as root continues as `name` (its groups, then its uid), once it
@@ -274,6 +293,7 @@ pub fn become_user(name: &str) -> Result<(), String> {
     nix::unistd::setgid(user.gid)
         .map_err(|e| format!("cannot change to the group of {name}: {e}"))?;
     nix::unistd::setuid(user.uid).map_err(|e| format!("cannot change to the user {name}: {e}"))?;
+    DROPPED_PRIVILEGES.store(true, std::sync::atomic::Ordering::Relaxed);
     info!(
         user = name,
         uid = user.uid.as_raw(),

@@ -16,7 +16,8 @@ fn main() -> ExitCode {
         .nth(1)
         .is_some_and(|a| a == broker::supervisor::spawner::MODE_ARG)
     {
-        let code = broker::supervisor::spawner::main();
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(2).collect();
+        let code = broker::supervisor::spawner::main(&args);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
     purge_freed_pages_at_once();

@@ -156,6 +156,7 @@ async fn run_with_bus(
         address: address.clone(),
         notify_stopping: false,
         spawner_exe: None,
+        system_spawner: None,
     };
     let shutdown = async move {
         // A dropped sender stops the bus too.

@@ -86,14 +86,16 @@ async fn start(
         (Some(path), false) => Some(daemon::PidFile::create(path)?),
         _ => None,
     };
-    if let Some(user) = &config.user {
-        daemon::become_user(user)?;
-    }
     let guid = random_hex(16);
     let address = bound
         .first()
         .map(|(_, bound, _)| bound.client_address(&guid))
         .ok_or("the configuration gives no address to listen on")?;
+    // Before the drop to <user>: the system spawner keeps root to start services as theirs.
+    let system_spawner = start_system_spawner(&opts, &config, &address)?;
+    if let Some(user) = &config.user {
+        daemon::become_user(user)?;
+    }
     announce(&opts, &address, prints, readiness)?;
     let mut listeners = Vec::new();
     let mut socket_files = Vec::new();
@@ -109,11 +111,49 @@ async fn start(
         address,
         notify_stopping: true,
         spawner_exe: None,
+        system_spawner,
     };
     let served = serve(setup, listeners, reloads, shutdown).await;
     // Removes the socket files, now that nothing listens on them.
     drop(socket_files);
     served
+}
+
+/// On a system bus (`<type>system</type>`), starts the spawner in system mode, as whoever runs
+/// the bus (root, normally), with what it may ever use: the service directories as read now
+/// (`--activation-dir`s, then the `<servicedir>`s; a reload does not change them), the bus's
+/// address for the services, and the grace. `None` on any other bus.
+fn start_system_spawner(
+    opts: &Options,
+    config: &Config,
+    address: &str,
+) -> Result<Option<supervisor::SystemSpawner>, String> {
+    if config.bus_type.as_deref() != Some("system") {
+        return Ok(None);
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find broker's own executable for its spawner: {e}"))?;
+    let mut dirs = opts.activation_dirs.clone();
+    dirs.extend(config.servicedirs.iter().cloned());
+    let system = supervisor::spawner::SystemConfig {
+        dirs,
+        starter: StarterBus {
+            address: address.to_owned(),
+            bus_type: config.bus_type.clone(),
+        },
+        grace: opts
+            .stop_grace_ms
+            .map_or(supervisor::DEFAULT_STOP_GRACE, Duration::from_millis),
+    };
+    let spawner = supervisor::SystemSpawner::start(&exe, &system)
+        .map_err(|e| format!("cannot start the system spawner: {e}"))?;
+    // Quiet at start, as every working bus (tests start one per test).
+    debug!(
+        uid = nix::unistd::geteuid().as_raw(),
+        dirs = ?system.dirs,
+        "system bus: services start as their file's User=, through the spawner"
+    );
+    Ok(Some(spawner))
 }
 
 /// Tells where the bus listens: `--print-address` and `--print-pid`, the service manager, and a
@@ -193,6 +233,9 @@ pub struct BusSetup {
     /// of its own; `None`: this process's own executable. A bus inside a test binary names
     /// the real `broker` here.
     pub spawner_exe: Option<PathBuf>,
+    /// A system bus's spawner, started before the bus dropped its privileges; `None`: the bus
+    /// starts a session-mode spawner of its own (`spawner_exe`).
+    pub system_spawner: Option<supervisor::SystemSpawner>,
 }
 
 /// The bus itself: serves `setup` on `listeners` until `shutdown` resolves, and reads the
@@ -283,7 +326,9 @@ async fn stop(shared: &Shared, accepting: Vec<tokio::task::JoinHandle<()>>, grac
         bus.stop_pending_starts();
         // Connections still in their handshake close as when newer ones push them out.
         while bus.evict_incomplete().is_some() {}
-        bus.shut_down_connections()
+        let closed = bus.shut_down_connections();
+        bus.close_system_spawner();
+        closed
     };
     debug!(connections = closed, "connections closed");
     supervisor::stop_all(grace).await;
@@ -303,6 +348,7 @@ fn start_bus(
         guid,
         address,
         spawner_exe,
+        system_spawner,
         ..
     } = setup;
     let mechanisms = mechanisms_of(&config)?;
@@ -320,7 +366,7 @@ fn start_bus(
         starter,
         events.clone(),
         exits,
-        spawner_exe,
+        (spawner_exe, system_spawner),
     )?;
     let mut bus = Bus::new(guid.clone(), settings.limits.clone(), activation, events);
     bus.apply_settings(settings);
@@ -526,19 +572,25 @@ fn start_activation(
     starter: StarterBus,
     events: UnboundedSender<CoreEvent>,
     exits: Option<UnboundedSender<ProcessEvent>>,
-    spawner_exe: Option<PathBuf>,
+    (spawner_exe, system_spawner): (Option<PathBuf>, Option<supervisor::SystemSpawner>),
 ) -> Result<Activation, String> {
     supervisor::become_subreaper().map_err(|e| format!("cannot become a child subreaper: {e}"))?;
     let (mut supervisor, mut reaped) =
         Supervisor::start().map_err(|e| format!("cannot start the reaper: {e}"))?;
-    let exe = match spawner_exe {
-        Some(exe) => exe,
-        None => std::env::current_exe()
-            .map_err(|e| format!("cannot find broker's own executable for its spawner: {e}"))?,
+    let mut gone = match system_spawner {
+        Some(spawner) => supervisor.adopt_spawner(spawner),
+        None => {
+            let exe = match spawner_exe {
+                Some(exe) => exe,
+                None => std::env::current_exe().map_err(|e| {
+                    format!("cannot find broker's own executable for its spawner: {e}")
+                })?,
+            };
+            supervisor
+                .start_spawner(&exe)
+                .map_err(|e| format!("cannot start the spawner: {e}"))?
+        }
     };
-    let mut gone = supervisor
-        .start_spawner(&exe)
-        .map_err(|e| format!("cannot start the spawner: {e}"))?;
     let tell_gone = events.clone();
     tokio::task::spawn_local(async move {
         while let Some(instance) = gone.recv().await {
@@ -636,10 +688,22 @@ pub(crate) struct SocketFile(Option<std::path::PathBuf>);
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        if let Some(path) = &self.0
-            && let Err(e) = std::fs::remove_file(path)
-        {
-            warn!("cannot remove socket file {}: {e}", path.display());
+        let Some(path) = &self.0 else {
+            return;
+        };
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::PermissionDenied
+                    && daemon::has_dropped_privileges() =>
+            {
+                debug!(
+                    "leaving socket file {}: the bus's <user> may not remove it ({e}); the \
+                     next start replaces it",
+                    path.display()
+                );
+            }
+            Err(e) => warn!("cannot remove socket file {}: {e}", path.display()),
         }
     }
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use broker::activation::files;
 use broker::supervisor::{
-    ExitKind, ProcessEvent, SpawnSpec, Supervisor, become_subreaper, children,
+    ExitKind, ProcessEvent, SpawnSpec, Supervisor, become_subreaper, descendants,
 };
 use futures_util::StreamExt;
 use nix::sys::signal::Signal;
@@ -132,8 +132,13 @@ where
         .build()
         .expect("runtime");
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, async {
-        let (supervisor, events) = Supervisor::start().expect("start the supervisor");
+    let spawner = local.block_on(&runtime, async {
+        let (mut supervisor, events) = Supervisor::start().expect("start the supervisor");
+        // Services start as the bus starts them: through the spawner and a keeper each.
+        let _gone = supervisor
+            .start_spawner(std::path::Path::new(env!("CARGO_BIN_EXE_broker")))
+            .expect("start the spawner");
+        let spawner = supervisor.spawner_pid();
         let bus = Bus::start();
         let client = zbus::connection::Builder::address(bus.address.as_str())
             .build()
@@ -151,7 +156,15 @@ where
         timeout(PATIENCE, test(harness))
             .await
             .expect("test finished");
+        spawner
     });
+    // The keepers' sockets close with the tasks, the spawner's channel with the supervisor:
+    // the spawner ends, and is collected here rather than by a later test's reaper.
+    drop(local);
+    drop(runtime);
+    if let Some(pid) = spawner.and_then(|pid| i32::try_from(pid).ok()) {
+        let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+    }
 }
 
 impl Harness {
@@ -275,11 +288,17 @@ fn daemon_service_daemonizes_then_takes_its_name_as_our_adopted_child() {
             assert_eq!(owner_pid.await.expect("owner pid"), daemon);
             let parent: u32 = h.call(name, name, "Ppid", &()).await.expect("Ppid");
             assert_eq!(
-                parent,
-                std::process::id(),
-                "the subreaper adopted the daemon"
+                h.supervisor.keepers_of(example),
+                [parent],
+                "the start's keeper, a subreaper, adopted the daemon"
             );
-            assert!(children().expect("children").contains(&daemon));
+            assert!(
+                descendants()
+                    .expect("descendants")
+                    .iter()
+                    .any(|d| d.pid == daemon && d.parent == parent),
+                "the daemon is a descendant of this process"
+            );
 
             // The middle process led the daemon's new session, and exited 0.
             let daemon_pid = Pid::from_raw(i32::try_from(daemon).expect("pid"));

@@ -81,6 +81,7 @@ fn bus_in(dir: &Path, extra: &str, files: &[(&str, &str)], opts: Options) -> Tes
         config,
         notify_stopping: false,
         spawner_exe: Some(env!("CARGO_BIN_EXE_broker").into()),
+        system_spawner: None,
     };
     TestBus {
         setup,

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use broker::supervisor::{
-    ExitKind, ProcessEvent, SpawnSpec, Supervisor, become_subreaper, children, peer_pidfd,
+    ExitKind, ProcessEvent, SpawnSpec, Supervisor, become_subreaper, descendants, peer_pidfd,
     wait_exit,
 };
 use nix::sys::signal::{Signal, kill};
@@ -56,10 +56,23 @@ where
         .build()
         .expect("runtime");
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, async {
-        let (supervisor, events) = Supervisor::start().expect("start the supervisor");
+    let spawner = local.block_on(&runtime, async {
+        let (mut supervisor, events) = Supervisor::start().expect("start the supervisor");
+        // Services start as the bus starts them: through the spawner and a keeper each.
+        let _gone = supervisor
+            .start_spawner(std::path::Path::new(env!("CARGO_BIN_EXE_broker")))
+            .expect("start the spawner");
+        let spawner = supervisor.spawner_pid();
         test(supervisor, events).await;
+        spawner
     });
+    // The keepers' sockets close with the tasks, the spawner's channel with the supervisor:
+    // the spawner ends, and is collected here rather than by a later test's reaper.
+    drop(local);
+    drop(runtime);
+    if let Some(pid) = spawner.and_then(|pid| i32::try_from(pid).ok()) {
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+    }
 }
 
 fn sh(script: &str) -> SpawnSpec {
@@ -160,7 +173,7 @@ fn environment_and_working_directory_are_exactly_as_given() {
 }
 
 #[test]
-fn long_running_service_has_its_own_group_and_a_pidfd_that_sees_its_end() {
+fn long_running_service_has_its_keepers_group_and_a_pidfd_that_sees_its_end() {
     with_supervisor(|supervisor, mut events| async move {
         let spec = SpawnSpec {
             argv: vec!["/bin/sleep".into(), "300".into()],
@@ -168,7 +181,16 @@ fn long_running_service_has_its_own_group_and_a_pidfd_that_sees_its_end() {
         };
         let pid = supervisor.spawn("org.example.Sleep", &spec).expect("spawn");
         let raw_pid = Pid::from_raw(i32::try_from(pid).expect("pid fits"));
-        assert_eq!(getpgid(Some(raw_pid)).expect("getpgid"), raw_pid);
+        let [keeper] = supervisor.keepers_of("org.example.Sleep")[..] else {
+            panic!("one keeper for the start");
+        };
+        let keeper = Pid::from_raw(i32::try_from(keeper).expect("pid fits"));
+        assert_eq!(
+            getpgid(Some(raw_pid)).expect("getpgid"),
+            keeper,
+            "a group of its own, its keeper's, not this process's"
+        );
+        assert_ne!(getpgid(None).expect("getpgid"), keeper);
 
         let pidfd = pidfd_open(pid).expect("pidfd_open");
         assert!(
@@ -187,7 +209,7 @@ fn long_running_service_has_its_own_group_and_a_pidfd_that_sees_its_end() {
 }
 
 #[test]
-fn double_forked_daemon_is_our_child_and_is_reaped() {
+fn double_forked_daemon_is_its_keepers_child_and_is_reaped() {
     with_supervisor(|supervisor, mut events| async move {
         let dir = tempfile::tempdir().expect("tempdir");
         let go = dir.path().join("go");
@@ -200,22 +222,39 @@ fn double_forked_daemon_is_our_child_and_is_reaped() {
         let pid = supervisor
             .spawn("org.example.Daemon", &sh(&script))
             .expect("spawn");
+        let [keeper] = supervisor.keepers_of("org.example.Daemon")[..] else {
+            panic!("one keeper for the start");
+        };
         assert_eq!(end_of(&mut events, pid).await, ExitKind::Exited(0));
 
-        let daemon_pid = only_child().await;
+        let daemon_pid = only_child(keeper).await;
         assert_ne!(daemon_pid, pid);
         std::fs::write(&go, "").expect("signal the daemon");
         assert_eq!(end_of(&mut events, daemon_pid).await, ExitKind::Exited(7));
-        assert!(!children().expect("children").contains(&daemon_pid));
+        assert!(
+            !descendants()
+                .expect("descendants")
+                .iter()
+                .any(|d| d.pid == daemon_pid)
+        );
     });
 }
 
-/// Our one child once the daemon has been re-parented to us; the
+/// The children of `parent` not yet reaped, zombies included.
+fn children(parent: u32) -> std::io::Result<Vec<u32>> {
+    Ok(descendants()?
+        .into_iter()
+        .filter(|d| d.parent == parent)
+        .map(|d| d.pid)
+        .collect())
+}
+
+/// The one child of `keeper` once the daemon has been re-parented to it; the
 /// intermediate shell may still be exiting, so wait for a single live one.
-async fn only_child() -> u32 {
+async fn only_child(keeper: u32) -> u32 {
     let wait = async {
         loop {
-            if let [pid] = children().expect("children")[..] {
+            if let [pid] = children(keeper).expect("children")[..] {
                 return pid;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -223,7 +262,7 @@ async fn only_child() -> u32 {
     };
     timeout(PATIENCE, wait)
         .await
-        .expect("the daemon became our child")
+        .expect("the daemon became the keeper's child")
 }
 
 /// The log of the whole test binary. A global subscriber, installed before

@@ -98,7 +98,11 @@ impl StartFailure {
         .into()
     }
 
+    /// The spawn failed: a system spawner's refusal as it named it, else `Spawn.ExecFailed`.
     pub fn exec(name: &str, e: &SpawnError) -> StartFailure {
+        if let Some(refused) = &e.refused {
+            return refused.clone();
+        }
         fdo::Error::SpawnExecFailed(format!("Failed to start {name}: {e}")).into()
     }
 
@@ -242,6 +246,14 @@ impl Activation {
         let Some(supervisor) = &self.supervisor else {
             return Err(fdo::Error::SpawnFailed("this bus cannot start services".into()).into());
         };
+        if supervisor.starts_by_name() && service.user.is_none() {
+            // As dbus-daemon: refused before the privileged side is asked at all.
+            return Err(fdo::Error::SpawnFileInvalid(format!(
+                "Cannot do system-bus activation with no user: {} has no User=",
+                service.source.display()
+            ))
+            .into());
+        }
         let spec = SpawnSpec {
             argv: service.exec.clone(),
             env: self.environment(&service),
@@ -256,6 +268,14 @@ impl Activation {
             }
         };
         Ok((service, pid))
+    }
+
+    /// At the bus's stop: lets a system spawner stop its services itself (see
+    /// [`Supervisor::close_spawner`]); a session spawner is left to the bus's own stop.
+    pub fn close_system_spawner(&self) {
+        if let Some(supervisor) = self.supervisor.as_ref().filter(|s| s.starts_by_name()) {
+            supervisor.close_spawner();
+        }
     }
 
     /// Asks the keepers of `name`'s instances to stop every process of theirs (SIGTERM, then

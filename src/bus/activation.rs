@@ -219,41 +219,16 @@ impl Bus {
         if let Some(peer) = owner {
             self.owner_exited(peer);
         }
-        self.check_daemonized_starts();
     }
 
-    /// Fails each daemonized start none of whose processes is left. The processes of a service
-    /// are all descendants of the broker (it is their subreaper), so whatever is left of them
-    /// shows up among the broker's direct children.
-    fn check_daemonized_starts(&mut self) {
-        let daemonized = self.starts.daemonized_starts();
-        if daemonized.is_empty() {
-            return;
-        }
-        let children = match supervisor::children() {
-            Ok(children) => children,
-            Err(e) => {
-                warn!("cannot list child processes: {e}");
-                return;
-            }
-        };
-        let accounted_for = |pid: &u32| {
-            self.starts.is_starting_process(*pid)
-                || self
-                    .peers
-                    .values()
-                    .any(|p| p.service_owner && p.creds.pid == *pid)
-        };
-        if children.iter().any(|pid| !accounted_for(pid)) {
-            return;
-        }
-        for name in daemonized {
-            self.fail_start(&name, StartFailure::daemon_died(&name));
-        }
+    /// At the bus's stop, before the services are stopped: a system spawner, which the bus
+    /// may not signal, is told to stop its services itself.
+    pub fn close_system_spawner(&self) {
+        self.activation.close_system_spawner();
     }
 
     /// Every process of one start has ended: a start still waiting for a daemon it left
-    /// behind fails. (Without keepers, [`Bus::check_daemonized_starts`] finds this out.)
+    /// behind fails.
     pub(super) fn instance_gone(&mut self, gone: &InstanceGone) {
         if self.starts.started_by(gone.main).as_deref() != Some(gone.service.as_str()) {
             return;

@@ -25,9 +25,12 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use zbus::names::OwnedErrorName;
+
 use super::protocol::{ExecSpec, KeeperCommand, KeeperReport, SpawnerReply, SpawnerRequest};
-use super::spawner::{self, recv_with_fds, send_with_fds};
+use super::spawner::{self, SystemConfig, recv_with_fds, send_with_fds};
 use super::{ProcessEvent, SpawnError, SpawnSpec, tree};
+use crate::bus::error::BusError;
 
 /// How long the spawner may take to answer, and a keeper to report its main process started.
 const ROUND_TRIP: Duration = Duration::from_secs(5);
@@ -62,15 +65,21 @@ pub(super) struct Started {
 pub(super) struct Keepers {
     channel: RefCell<Option<OwnedFd>>,
     spawner: u32,
+    /// A system-mode spawner: it takes service names only, and runs as another user than
+    /// the bus may signal.
+    by_name: bool,
     live: Live,
     gone: mpsc::UnboundedSender<InstanceGone>,
 }
 
 impl Keepers {
     /// Execs `exe __spawner` with its channel on fd 3, in a process group of its own (a Ctrl-C
-    /// at the bus's terminal is for the bus to act on). The reaper collects it when it ends.
+    /// at the bus's terminal is for the bus to act on), in system mode with `system`. The
+    /// reaper collects it when it ends. Needs no runtime: a system bus starts it before it
+    /// drops its privileges, before the bus's runtime tasks exist.
     pub(super) fn start(
         exe: &Path,
+        system: Option<&SystemConfig>,
     ) -> io::Result<(Keepers, mpsc::UnboundedReceiver<InstanceGone>)> {
         let (ours, theirs) = seqpacket_pair().map_err(|e| {
             io::Error::new(e.kind(), format!("cannot create the spawner's socket: {e}"))
@@ -80,6 +89,7 @@ impl Keepers {
         let mut command = Command::new(exe);
         command
             .arg(spawner::MODE_ARG)
+            .args(system.map(SystemConfig::to_args).unwrap_or_default())
             .stdin(Stdio::null())
             .process_group(0);
         // SAFETY: dup2 is async-signal-safe; it runs in the child between fork and exec.
@@ -102,11 +112,12 @@ impl Keepers {
         // Dropping a `Child` neither waits for nor kills it; the reaper collects its status.
         drop(child);
         super::stop::SPAWNER.store(spawner, std::sync::atomic::Ordering::Relaxed);
-        debug!(pid = spawner, "spawner started");
+        debug!(pid = spawner, system = system.is_some(), "spawner started");
         let (gone, receiver) = mpsc::unbounded_channel();
         let keepers = Keepers {
             channel: RefCell::new(Some(ours)),
             spawner,
+            by_name: system.is_some(),
             live: Live::default(),
             gone,
         };
@@ -115,6 +126,16 @@ impl Keepers {
 
     pub(super) fn spawner_pid(&self) -> u32 {
         self.spawner
+    }
+
+    /// Whether the spawner is a system bus's, which starts services by name only.
+    pub(super) fn by_name(&self) -> bool {
+        self.by_name
+    }
+
+    /// Closes the channel: the spawner stops its keepers (each within its grace) and exits.
+    pub(super) fn close(&self) {
+        self.channel.borrow_mut().take();
     }
 
     /// Starts `spec` under a new keeper; the main process's pid and the output's read end.
@@ -130,11 +151,13 @@ impl Keepers {
         let failed = |message: String| SpawnError {
             program: program.clone(),
             source: io::Error::other(message),
+            refused: None,
         };
-        if program.is_empty() {
+        if program.is_empty() && !self.by_name {
             return Err(SpawnError {
                 program,
                 source: io::Error::new(io::ErrorKind::InvalidInput, "empty argv"),
+                refused: None,
             });
         }
         let pipe = || {
@@ -144,14 +167,21 @@ impl Keepers {
         let ((stdout, stdout_w), (stderr, stderr_w)) = (pipe()?, pipe()?);
         let (control, keeper_end) = seqpacket_pair()
             .map_err(|e| failed(format!("cannot create the keeper's socket: {e}")))?;
-        let request = SpawnerRequest::Start {
-            service: service.to_owned(),
-            exec: ExecSpec {
-                argv: spec.argv.clone(),
-                env: spec.env.clone(),
-                working_directory: spec.working_directory.clone(),
-            },
-            grace,
+        let request = if self.by_name {
+            SpawnerRequest::StartByName {
+                service: service.to_owned(),
+            }
+        } else {
+            SpawnerRequest::Start {
+                service: service.to_owned(),
+                exec: ExecSpec {
+                    argv: spec.argv.clone(),
+                    env: spec.env.clone(),
+                    working_directory: spec.working_directory.clone(),
+                    user: None,
+                },
+                grace,
+            }
         };
         let keeper = self
             .ask(
@@ -162,11 +192,18 @@ impl Keepers {
                     keeper_end.as_raw_fd(),
                 ],
             )
-            .map_err(|e| failed(format!("the spawner failed: {e}")))?;
+            .map_err(|e| match e {
+                Asked::Failed(e) => failed(format!("the spawner failed: {e}")),
+                Asked::Refused(refusal) => SpawnError {
+                    refused: Some(refusal),
+                    ..failed(String::new())
+                },
+            })?;
         drop((stdout_w, stderr_w, keeper_end));
         let main = first_report(&control).map_err(|source| SpawnError {
             program: program.clone(),
             source,
+            refused: None,
         })?;
         info!(service = %service, pid = main, keeper, argv = ?spec.argv, "service process started");
         self.follow(service, keeper, main, control, events.clone());
@@ -179,10 +216,10 @@ impl Keepers {
 
     /// One round trip to the spawner: the keeper's pid. A spawner that fails to answer in
     /// time is dropped, so its late answer cannot be read as the next request's.
-    fn ask(&self, request: &SpawnerRequest, fds: &[i32]) -> io::Result<u32> {
+    fn ask(&self, request: &SpawnerRequest, fds: &[i32]) -> Result<u32, Asked> {
         let mut channel = self.channel.borrow_mut();
         let Some(socket) = channel.as_ref() else {
-            return Err(io::Error::other("the spawner is gone"));
+            return Err(Asked::Failed(io::Error::other("the spawner is gone")));
         };
         let answer = send_with_fds(socket, &request.encode(), fds).and_then(|()| {
             match recv_with_fds(socket)? {
@@ -192,11 +229,14 @@ impl Keepers {
         });
         match answer {
             Ok(SpawnerReply::Started { keeper }) => Ok(keeper),
-            Ok(SpawnerReply::Failed { message }) => Err(io::Error::other(message)),
+            Ok(SpawnerReply::Failed { message }) => Err(Asked::Failed(io::Error::other(message))),
+            Ok(SpawnerReply::Refused { error, message }) => {
+                Err(Asked::Refused(refusal(error, message)))
+            }
             Err(e) => {
                 warn!("the spawner does not answer, no more services can start: {e}");
                 *channel = None;
-                Err(e)
+                Err(Asked::Failed(e))
             }
         }
     }
@@ -286,6 +326,23 @@ impl Keepers {
             .borrow()
             .get(service)
             .map_or_else(Vec::new, |list| list.iter().map(|i| i.keeper).collect())
+    }
+}
+
+/// Why the spawner started no keeper.
+enum Asked {
+    /// It could not (or did not answer).
+    Failed(io::Error),
+    /// It refused, with a D-Bus error for the waiting callers.
+    Refused(BusError),
+}
+
+/// The spawner's refusal as the error the callers get; a name that is not a valid error name
+/// (a bug) becomes `Spawn.Failed` with the text.
+fn refusal(error: String, message: String) -> BusError {
+    match OwnedErrorName::try_from(error) {
+        Ok(name) => BusError::foreign(name, message),
+        Err(_) => zbus::fdo::Error::SpawnFailed(message).into(),
     }
 }
 

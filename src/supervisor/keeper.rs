@@ -307,9 +307,19 @@ fn spawn_main(exec: &ExecSpec) -> io::Result<u32> {
     if let Some(dir) = &exec.working_directory {
         command.current_dir(dir);
     }
-    // SAFETY: pthread_sigmask is async-signal-safe; it runs between fork and exec.
+    let user = exec.user.clone();
+    // SAFETY: pthread_sigmask and the set*id calls of `switch_to` are async-signal-safe and
+    // allocate nothing; they run between fork and exec. The user is switched last, just
+    // before exec, so the keeper itself stays root and can signal every process of the
+    // service, whatever user it runs as.
     unsafe {
-        command.pre_exec(|| Ok(SigSet::empty().thread_set_mask()?));
+        command.pre_exec(move || {
+            SigSet::empty().thread_set_mask()?;
+            if let Some(user) = &user {
+                user.switch_to()?;
+            }
+            Ok(())
+        });
     }
     let child = command.spawn()?;
     // Dropping a `Child` neither waits for nor kills it; the keeper's reaping collects it.

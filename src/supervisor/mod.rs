@@ -16,8 +16,8 @@
 //! until nothing is left, logs each process and reports it as a [`ProcessEvent`]; keepers'
 //! reports join that stream. Nothing else in the bus may wait for children: no
 //! `tokio::process`, no `std::process::Child::wait` (both would steal statuses from the
-//! reaper, or the reaper from them). A [`Supervisor`] without a spawner (the library's own
-//! tests) starts services as its direct children, each in a process group of its own.
+//! reaper, or the reaper from them). There is one way to start a service: through the spawner, which
+//! [`Supervisor::start_spawner`] (or, on a system bus, [`SystemSpawner::start`]) starts.
 //!
 //! Everything here runs on the bus's single-threaded runtime; [`Supervisor`]
 //! is deliberately not `Send`.
@@ -37,9 +37,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::rc::Rc;
 
 use tokio::io::unix::AsyncFd;
@@ -81,10 +79,16 @@ pub struct SpawnSpec {
 pub struct SpawnError {
     pub program: String,
     pub source: io::Error,
+    /// A system spawner's refusal of the service (its file, its user): the D-Bus error the
+    /// waiting callers get instead of `Spawn.ExecFailed`.
+    pub refused: Option<crate::bus::error::BusError>,
 }
 
 impl fmt::Display for SpawnError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(refused) = &self.refused {
+            return write!(f, "{}: {}", refused.name(), refused.text());
+        }
         write!(
             f,
             "failed to execute program {}: {}",
@@ -141,7 +145,6 @@ pub type OutputLog = Rc<RefCell<HashMap<Rc<str>, VecDeque<String>>>>;
 /// Starts service processes and remembers which pid belongs to which
 /// service, so the reaper can name them.
 pub struct Supervisor {
-    services: Rc<RefCell<HashMap<u32, Rc<str>>>>,
     output: OutputLog,
     /// The reaper's stream, which keepers' reports of their processes' ends join.
     events: mpsc::UnboundedSender<ProcessEvent>,
@@ -163,17 +166,10 @@ impl Supervisor {
         // still raises a SIGCHLD that this stream will deliver.
         let sigchld = signal(SignalKind::child())?;
         let (events, receiver) = mpsc::unbounded_channel();
-        let services = Rc::default();
         let reaper_events = events.clone();
-        tokio::task::spawn_local(reap_forever(
-            sigchld,
-            Rc::clone(&services),
-            reaper_events,
-            guard,
-        ));
+        tokio::task::spawn_local(reap_forever(sigchld, reaper_events, guard));
         let output = OutputLog::default();
         let supervisor = Supervisor {
-            services,
             output,
             events,
             keepers: None,
@@ -184,14 +180,40 @@ impl Supervisor {
     /// Starts the spawner (`exe __spawner`): from then on each service start runs under a
     /// keeper of its own, which knows exactly which processes belong to it (see
     /// [`spawner`] and `keeper`). Returns the stream of instances that have ended entirely.
-    /// Without this, services are the supervisor's own children, as the library's tests use it.
+    /// Without a spawner no service can start.
     pub fn start_spawner(
         &mut self,
         exe: &Path,
     ) -> io::Result<mpsc::UnboundedReceiver<InstanceGone>> {
-        let (keepers, gone) = instances::Keepers::start(exe)?;
+        let (keepers, gone) = instances::Keepers::start(exe, None)?;
         self.keepers = Some(keepers);
         Ok(gone)
+    }
+
+    /// Takes a spawner started earlier ([`SystemSpawner::start`]) as this supervisor's.
+    pub fn adopt_spawner(
+        &mut self,
+        spawner: SystemSpawner,
+    ) -> mpsc::UnboundedReceiver<InstanceGone> {
+        self.keepers = Some(spawner.keepers);
+        spawner.gone
+    }
+
+    /// Whether services start by name through a system spawner, which reads their files
+    /// itself (so the bus must not ask for one whose file it would refuse).
+    pub fn starts_by_name(&self) -> bool {
+        self.keepers
+            .as_ref()
+            .is_some_and(instances::Keepers::by_name)
+    }
+
+    /// Lets the spawner go at the bus's stop: it stops its keepers, which stop their services
+    /// within the grace, and exits. The bus needs this for a system spawner, which runs as
+    /// root and whose services it may not signal itself.
+    pub fn close_spawner(&self) {
+        if let Some(keepers) = &self.keepers {
+            keepers.close();
+        }
     }
 
     /// The spawner's pid, if it runs.
@@ -273,59 +295,30 @@ impl Supervisor {
             );
             return Ok(started.main);
         }
-        let Some((program, args)) = spec.argv.split_first() else {
-            return Err(SpawnError {
-                program: String::new(),
-                source: io::Error::new(io::ErrorKind::InvalidInput, "empty argv"),
-            });
-        };
-        let mut command = Command::new(keeper::without_path_search(program));
-        command
-            .arg0(program)
-            .args(args)
-            .env_clear()
-            .envs(spec.env.iter().map(|(key, value)| (key, value)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        if let Some(dir) = &spec.working_directory {
-            command.current_dir(dir);
-        }
-        let mut child = command.spawn().map_err(|source| SpawnError {
-            program: program.clone(),
-            source,
-        })?;
-        let pid = child.id();
-        let service: Rc<str> = Rc::from(service);
-        // Recorded before we next yield, so the reaper always knows the name.
-        self.services.borrow_mut().insert(pid, Rc::clone(&service));
-        info!(service = %service, pid, argv = ?spec.argv, "service process started");
-        if let Some(stdout) = child.stdout.take() {
-            forward_output(stdout.into(), &service, pid, "stdout", &self.output);
-        }
-        if let Some(stderr) = child.stderr.take() {
-            forward_output(stderr.into(), &service, pid, "stderr", &self.output);
-        }
-        // Dropping a `Child` neither waits for nor kills it; the reaper
-        // collects its status.
-        drop(child);
-        Ok(pid)
+        Err(SpawnError {
+            program: spec.argv.first().cloned().unwrap_or_default(),
+            source: io::Error::other("no spawner runs: start it first (start_spawner)"),
+            refused: None,
+        })
     }
 }
 
-/// The direct children of this process not yet reaped, from one scan of
-/// `/proc` (see [`descendants`]). Activation uses it to tell whether a
-/// service that daemonized still has processes. Zombies count: one that forked
-/// and exited during the scan may have a child the listing missed, and its
-/// reap, still to come, triggers another look.
-pub fn children() -> io::Result<Vec<u32>> {
-    let me = std::process::id();
-    Ok(descendants()?
-        .into_iter()
-        .filter(|d| d.parent == me)
-        .map(|d| d.pid)
-        .collect())
+/// A system bus's spawner, started as root before the bus drops its privileges (see
+/// [`spawner::SystemConfig`]) and handed to the bus's [`Supervisor`] later
+/// ([`Supervisor::adopt_spawner`]).
+pub struct SystemSpawner {
+    keepers: instances::Keepers,
+    gone: mpsc::UnboundedReceiver<InstanceGone>,
+}
+
+impl SystemSpawner {
+    /// Execs `exe __spawner --system ...` with `config`. From then on the bus's shutdown
+    /// leaves the spawner's processes to it ([`stop_all`] waits for it instead).
+    pub fn start(exe: &Path, config: &spawner::SystemConfig) -> io::Result<SystemSpawner> {
+        let (keepers, gone) = instances::Keepers::start(exe, Some(config))?;
+        stop::SPAWNER_STOPS_ITS_OWN.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(SystemSpawner { keepers, gone })
+    }
 }
 
 /// The pidfd of the process at the other end of a Unix socket, as of its

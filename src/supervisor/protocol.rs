@@ -18,13 +18,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::ExitKind;
+use super::system::ServiceUser;
 
 /// Longest datagram any peer sends or accepts: an argv and environment well past any real one.
 pub const MAX_MESSAGE: usize = 256 * 1024;
 
-/// What a keeper executes as the service's main process. The system bus will add the user,
-/// group and supplementary groups here (a spawner running as root resolves them), so the
-/// keeper's spawn step stays the one place that applies them.
+/// What a keeper executes as the service's main process.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ExecSpec {
     /// The program and its arguments; the program is not searched for on PATH.
@@ -33,6 +32,9 @@ pub struct ExecSpec {
     pub env: Vec<(OsString, OsString)>,
     /// Where it starts; the spawner's directory (the bus's) if `None`.
     pub working_directory: Option<PathBuf>,
+    /// The account the process becomes just before exec. Never on the wire: only a system
+    /// spawner sets it, from the service file it read itself, so the bus cannot choose it.
+    pub user: Option<ServiceUser>,
 }
 
 /// Bus → spawner.
@@ -45,6 +47,10 @@ pub enum SpawnerRequest {
         /// How long the service's processes have after SIGTERM before SIGKILL.
         grace: Duration,
     },
+    /// A system bus's request: start the service that provides this name, as its file says.
+    /// The system spawner reads the file itself and accepts nothing else; a session spawner
+    /// refuses it. Three descriptors accompany it, as with `Start`.
+    StartByName { service: String },
 }
 
 /// Spawner → bus, one per request.
@@ -54,6 +60,9 @@ pub enum SpawnerReply {
     Started { keeper: u32 },
     /// No keeper could be forked; why.
     Failed { message: String },
+    /// The request was refused with this D-Bus error (a system spawner's checks of the
+    /// service file: `org.freedesktop.DBus.Error.Spawn.FileInvalid` and the like).
+    Refused { error: String, message: String },
 }
 
 /// Keeper → bus.
@@ -96,14 +105,23 @@ const SPAWNED: u8 = 4;
 const EXEC_FAILED: u8 = 5;
 const EXITED: u8 = 6;
 const STOP: u8 = 7;
+const START_BY_NAME: u8 = 8;
+const REFUSED: u8 = 9;
 
 impl SpawnerRequest {
     pub fn encode(&self) -> Vec<u8> {
-        let SpawnerRequest::Start {
-            service,
-            exec,
-            grace,
-        } = self;
+        let (service, exec, grace) = match self {
+            SpawnerRequest::Start {
+                service,
+                exec,
+                grace,
+            } => (service, exec, grace),
+            SpawnerRequest::StartByName { service } => {
+                let mut out = Writer(vec![START_BY_NAME]);
+                out.bytes(service.as_bytes());
+                return out.0;
+            }
+        };
         let mut out = Writer(vec![START]);
         out.bytes(service.as_bytes());
         out.count(exec.argv.len());
@@ -128,7 +146,11 @@ impl SpawnerRequest {
 
     pub fn decode(data: &[u8]) -> Result<SpawnerRequest, DecodeError> {
         let mut r = Reader::new(data);
-        r.tag(&[START])?;
+        if r.tag(&[START, START_BY_NAME])? == START_BY_NAME {
+            let service = r.string()?;
+            r.end()?;
+            return Ok(SpawnerRequest::StartByName { service });
+        }
         let service = r.string()?;
         let argv = (0..r.count()?)
             .map(|_| r.string())
@@ -149,6 +171,7 @@ impl SpawnerRequest {
                 argv,
                 env,
                 working_directory,
+                user: None,
             },
             grace,
         })
@@ -168,14 +191,24 @@ impl SpawnerReply {
                 out.bytes(message.as_bytes());
                 out.0
             }
+            SpawnerReply::Refused { error, message } => {
+                let mut out = Writer(vec![REFUSED]);
+                out.bytes(error.as_bytes());
+                out.bytes(message.as_bytes());
+                out.0
+            }
         }
     }
 
     pub fn decode(data: &[u8]) -> Result<SpawnerReply, DecodeError> {
         let mut r = Reader::new(data);
-        let reply = match r.tag(&[STARTED, FAILED])? {
+        let reply = match r.tag(&[STARTED, FAILED, REFUSED])? {
             STARTED => SpawnerReply::Started { keeper: r.u32()? },
-            _ => SpawnerReply::Failed {
+            FAILED => SpawnerReply::Failed {
+                message: r.string()?,
+            },
+            _ => SpawnerReply::Refused {
+                error: r.string()?,
                 message: r.string()?,
             },
         };
@@ -378,6 +411,7 @@ mod tests {
                     ),
                 ],
                 working_directory: Some("/srv/é".into()),
+                user: None,
             },
             grace: Duration::from_millis(1500),
         }
@@ -392,6 +426,9 @@ mod tests {
                 exec: ExecSpec::default(),
                 grace: Duration::ZERO,
             },
+            SpawnerRequest::StartByName {
+                service: "org.freedesktop.PolicyKit1".into(),
+            },
         ] {
             assert_eq!(SpawnerRequest::decode(&request.encode()), Ok(request));
         }
@@ -399,6 +436,10 @@ mod tests {
             SpawnerReply::Started { keeper: 4242 },
             SpawnerReply::Failed {
                 message: "fork: Resource temporarily unavailable".into(),
+            },
+            SpawnerReply::Refused {
+                error: "org.freedesktop.DBus.Error.Spawn.FileInvalid".into(),
+                message: "no User=".into(),
             },
         ] {
             assert_eq!(SpawnerReply::decode(&reply.encode()), Ok(reply));
@@ -467,5 +508,29 @@ mod tests {
         not_utf8.extend_from_slice(&1u32.to_le_bytes());
         not_utf8.push(0xff);
         assert!(SpawnerRequest::decode(&not_utf8).is_err());
+        // A name-only request with bytes left over, or cut short.
+        let by_name = SpawnerRequest::StartByName {
+            service: "org.example.Svc".into(),
+        }
+        .encode();
+        let mut by_name_long = by_name.clone();
+        by_name_long.push(0);
+        assert!(SpawnerRequest::decode(&by_name_long).is_err());
+        assert!(SpawnerRequest::decode(&by_name[..by_name.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn the_user_never_travels() {
+        let mut request = start();
+        let SpawnerRequest::Start { exec, .. } = &mut request else {
+            unreachable!()
+        };
+        exec.user = Some(ServiceUser {
+            name: "root".into(),
+            uid: nix::unistd::Uid::from_raw(0),
+            gid: nix::unistd::Gid::from_raw(0),
+            groups: Vec::new(),
+        });
+        assert_eq!(SpawnerRequest::decode(&request.encode()), Ok(start()));
     }
 }

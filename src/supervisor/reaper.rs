@@ -2,17 +2,14 @@
 //! reaps until nothing is left, logs each process (a service's, or one adopted as subreaper) and
 //! reports it as a [`ProcessEvent`].
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::libc;
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,19 +72,18 @@ impl Drop for ReaperGuard {
 
 pub(super) async fn reap_forever(
     mut sigchld: tokio::signal::unix::Signal,
-    services: Rc<RefCell<HashMap<u32, Rc<str>>>>,
     events: mpsc::UnboundedSender<ProcessEvent>,
     _guard: ReaperGuard,
 ) {
     loop {
         // Signals coalesce, so each wake-up reaps until nothing is left.
         while let Some(event) = reap_one() {
-            let service = services.borrow_mut().remove(&event.pid);
-            match service {
-                Some(service) => {
-                    info!(service = %service, pid = event.pid, status = %event.status, "service process ended")
-                }
-                None => info!(pid = event.pid, status = %event.status, "adopted process ended"),
+            // Services end below their keepers, which report them; the spawner ends with the
+            // bus. What else ends here was adopted (or is `broker run`'s command).
+            if event.pid == super::stop::SPAWNER.load(Ordering::Relaxed) {
+                debug!(pid = event.pid, status = %event.status, "the spawner ended");
+            } else {
+                info!(pid = event.pid, status = %event.status, "adopted process ended");
             }
             // Nobody listening is no reason to stop reaping.
             let _ = events.send(event);

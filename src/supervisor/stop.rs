@@ -12,7 +12,7 @@
 //! Time is tokio's clock, like every timeout of the bus.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -41,15 +41,60 @@ const AFTER_KILL: Duration = Duration::from_secs(5);
 /// warning.
 pub async fn stop_all(grace: Duration) {
     let start = Instant::now();
-    if wait_until_gone(start + grace / 2).await {
-        return;
+    if !wait_until_gone(start + grace / 2).await {
+        terminate_until(start + grace).await;
+        // Both do nothing when SIGTERM was enough and only zombies wait for the reaper.
+        freeze();
+        if !kill_until_gone(Instant::now() + AFTER_KILL).await {
+            let left: Vec<u32> = scan().iter().map(|d| d.pid).collect();
+            warn!(pids = ?left, "processes left behind by services did not end after SIGKILL");
+        }
     }
-    terminate_until(start + grace).await;
-    // Both do nothing when SIGTERM was enough and only zombies wait for the reaper.
-    freeze();
-    if !kill_until_gone(Instant::now() + AFTER_KILL).await {
-        let left: Vec<u32> = scan().iter().map(|d| d.pid).collect();
-        warn!(pids = ?left, "processes left behind by services did not end after SIGKILL");
+    if SPAWNER_STOPS_ITS_OWN.load(Ordering::Relaxed) {
+        wait_for_spawner(start + grace + AFTER_KILL).await;
+    }
+}
+
+/// Set when the spawner is a system bus's: it runs as root, so the bus (running as its
+/// `<user>`) may not signal it, its keepers or its services. Its channel closed, it stops
+/// them itself; the bus's scans leave its whole tree out and wait for it to end instead.
+pub(super) static SPAWNER_STOPS_ITS_OWN: AtomicBool = AtomicBool::new(false);
+
+/// Waits until the spawner and every process below it are gone (and reaped), or `deadline`.
+async fn wait_for_spawner(deadline: Instant) {
+    let spawner = SPAWNER.load(Ordering::Relaxed);
+    loop {
+        let left = tree::descendants()
+            .map(|all| subtree(&all, spawner))
+            .unwrap_or_default();
+        if left.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            warn!(pids = ?left, "the spawner did not stop its services in time");
+            return;
+        }
+        sleep(POLL).await;
+    }
+}
+
+/// The pids of `root` and its descendants in `found`.
+fn subtree(found: &[Descendant], root: u32) -> HashSet<u32> {
+    let mut inside: HashSet<u32> = found
+        .iter()
+        .filter(|d| d.pid == root)
+        .map(|d| d.pid)
+        .collect();
+    loop {
+        let before = inside.len();
+        for d in found {
+            if inside.contains(&d.parent) {
+                inside.insert(d.pid);
+            }
+        }
+        if inside.len() == before {
+            return inside;
+        }
     }
 }
 
@@ -162,11 +207,21 @@ pub(super) fn alive(found: &[Descendant]) -> Vec<&Descendant> {
 
 /// The broker's descendants; none when `/proc` cannot be read (with a warning: without
 /// `/proc` there is no way to find them).
+///
+/// A system spawner's tree is left out: the spawner stops it ([`SPAWNER_STOPS_ITS_OWN`]).
 fn scan() -> Vec<Descendant> {
-    tree::descendants().unwrap_or_else(|e| {
+    let found = tree::descendants().unwrap_or_else(|e| {
         warn!("cannot scan for processes left behind by services: {e}");
         Vec::new()
-    })
+    });
+    if !SPAWNER_STOPS_ITS_OWN.load(Ordering::Relaxed) {
+        return found;
+    }
+    let theirs = subtree(&found, SPAWNER.load(Ordering::Relaxed));
+    found
+        .into_iter()
+        .filter(|d| !theirs.contains(&d.pid))
+        .collect()
 }
 
 /// Signals `process` if its pid still names the process the scan saw: one that has ended and
