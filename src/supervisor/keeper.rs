@@ -162,10 +162,12 @@ impl Keeper {
         }
     }
 
-    /// Reads one command; EOF or an error means the bus is gone, and the service goes too.
+    /// Reads one command; EOF or an error means the bus is gone, and the service goes too. A
+    /// read interrupted or woken for nothing is not an error: the next poll tries again.
     fn read_control(&mut self) {
         let mut buf = [0u8; 64];
         match recv(self.control.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Err(Errno::EAGAIN | Errno::EINTR) => {}
             Ok(0) | Err(_) => {
                 self.control_open = false;
                 self.begin_stop();
