@@ -22,9 +22,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use broker::activation::files;
-use broker::supervisor::{
-    ExitKind, ProcessEvent, SpawnSpec, Supervisor, become_subreaper, descendants,
-};
+use broker::supervisor::{ExitKind, ProcessEvent, SpawnSpec, Supervisor, descendants};
 use futures_util::StreamExt;
 use nix::sys::signal::Signal;
 use nix::sys::wait::waitpid;
@@ -126,19 +124,7 @@ where
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    become_subreaper().expect("become a subreaper");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let local = tokio::task::LocalSet::new();
-    let spawner = local.block_on(&runtime, async {
-        let (mut supervisor, events) = Supervisor::start().expect("start the supervisor");
-        // Services start as the bus starts them: through the spawner and a keeper each.
-        let _gone = supervisor
-            .start_spawner(std::path::Path::new(env!("CARGO_BIN_EXE_broker")))
-            .expect("start the spawner");
-        let spawner = supervisor.spawner_pid();
+    common::with_supervisor(|supervisor, events| async move {
         let bus = Bus::start();
         let client = zbus::connection::Builder::address(bus.address.as_str())
             .build()
@@ -156,15 +142,7 @@ where
         timeout(PATIENCE, test(harness))
             .await
             .expect("test finished");
-        spawner
     });
-    // The keepers' sockets close with the tasks, the spawner's channel with the supervisor:
-    // the spawner ends, and is collected here rather than by a later test's reaper.
-    drop(local);
-    drop(runtime);
-    if let Some(pid) = spawner.and_then(|pid| i32::try_from(pid).ok()) {
-        let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
-    }
 }
 
 impl Harness {

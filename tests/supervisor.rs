@@ -5,6 +5,8 @@
 //! subreaper, so every test here holds `SERIAL` and runs its own
 //! current-thread runtime.
 
+mod common;
+
 use std::future::Future;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
@@ -14,8 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use broker::supervisor::{
-    ExitKind, ProcessEvent, SpawnSpec, Supervisor, become_subreaper, descendants, peer_pidfd,
-    wait_exit,
+    ExitKind, ProcessEvent, SpawnSpec, Supervisor, descendants, peer_pidfd, wait_exit,
 };
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, getpgid};
@@ -50,29 +51,7 @@ where
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     captured_logs();
-    become_subreaper().expect("become a subreaper");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let local = tokio::task::LocalSet::new();
-    let spawner = local.block_on(&runtime, async {
-        let (mut supervisor, events) = Supervisor::start().expect("start the supervisor");
-        // Services start as the bus starts them: through the spawner and a keeper each.
-        let _gone = supervisor
-            .start_spawner(std::path::Path::new(env!("CARGO_BIN_EXE_broker")))
-            .expect("start the spawner");
-        let spawner = supervisor.spawner_pid();
-        test(supervisor, events).await;
-        spawner
-    });
-    // The keepers' sockets close with the tasks, the spawner's channel with the supervisor:
-    // the spawner ends, and is collected here rather than by a later test's reaper.
-    drop(local);
-    drop(runtime);
-    if let Some(pid) = spawner.and_then(|pid| i32::try_from(pid).ok()) {
-        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
-    }
+    common::with_supervisor(test);
 }
 
 fn sh(script: &str) -> SpawnSpec {

@@ -46,15 +46,15 @@ fn chmod(path: &Path, mode: u32) {
 fn service_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     chmod(dir.path(), 0o755);
-    let program = dir.path().join("system_echo_service");
-    std::fs::copy(example_path("system_echo_service"), &program).expect("copy the service");
+    let program = dir.path().join("echo_service");
+    std::fs::copy(example_path("echo_service"), &program).expect("copy the service");
     chmod(&program, 0o755);
     let program = program.display();
     let files = [
         (
             "org.broker.SystemEcho.service",
             format!(
-                "[D-BUS Service]\nName=org.broker.SystemEcho\nExec={program}\nUser={SERVICE_USER}\n"
+                "[D-BUS Service]\nName=org.broker.SystemEcho\nExec={program} --name org.broker.SystemEcho\nUser={SERVICE_USER}\n"
             ),
         ),
         (
@@ -315,7 +315,7 @@ fn children_of(pid: u32) -> Vec<u32> {
 #[tokio::test]
 async fn a_system_service_whose_owner_is_killed_has_its_leftovers_stopped() {
     let bus = start_system_bus();
-    let program = bus.services.path().join("system_echo_service");
+    let program = bus.services.path().join("echo_service");
     // A helper that outlives the owner: `sh` starts it, then becomes the service.
     let file = bus.services.path().join("org.broker.Leaving.service");
     std::fs::write(

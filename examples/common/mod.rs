@@ -46,8 +46,9 @@ impl Quit {
     }
 }
 
-/// Connects to the session bus (`DBUS_SESSION_BUS_ADDRESS`, which the broker
-/// sets for what it starts), serves `iface` at `path` and takes `name`.
+/// Connects to the bus that started this service (`DBUS_STARTER_ADDRESS`: a
+/// system bus sets no `DBUS_SESSION_BUS_ADDRESS` for its services), else to
+/// the session bus, serves `iface` at `path` and takes `name`.
 /// Returns when `quit` is requested, after the pending replies have gone
 /// out, or when the bus closes the connection.
 pub async fn serve<I: Interface>(
@@ -57,7 +58,11 @@ pub async fn serve<I: Interface>(
     iface: I,
     quit: Quit,
 ) -> Result<(), String> {
-    let connection = Builder::session()
+    let builder = match std::env::var("DBUS_STARTER_ADDRESS") {
+        Ok(address) => Builder::address(address.as_str()),
+        Err(_) => Builder::session(),
+    };
+    let connection = builder
         .name(name)
         .serve_at(path, iface)
         .build()

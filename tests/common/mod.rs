@@ -591,3 +591,39 @@ pub fn ancestors(pid: u32) -> Vec<u32> {
     }
     found
 }
+
+/// Runs `test` with a started supervisor (its reaper, and a spawner of the built `broker`
+/// through which services start, as the bus starts them) on a current-thread runtime, as a
+/// child subreaper. The spawner is collected afterwards, so a later test's reaper never sees it.
+pub fn with_supervisor<F, Fut>(test: F)
+where
+    F: FnOnce(
+        broker::supervisor::Supervisor,
+        tokio::sync::mpsc::UnboundedReceiver<broker::supervisor::ProcessEvent>,
+    ) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    broker::supervisor::become_subreaper().expect("become a subreaper");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let local = tokio::task::LocalSet::new();
+    let spawner = local.block_on(&runtime, async {
+        let (mut supervisor, events) =
+            broker::supervisor::Supervisor::start().expect("start the supervisor");
+        let _gone = supervisor
+            .start_spawner(Path::new(env!("CARGO_BIN_EXE_broker")))
+            .expect("start the spawner");
+        let spawner = supervisor.spawner_pid();
+        test(supervisor, events).await;
+        spawner
+    });
+    // The keepers' sockets close with the tasks, the spawner's channel with the supervisor:
+    // the spawner ends.
+    drop(local);
+    drop(runtime);
+    if let Some(pid) = spawner.and_then(|pid| i32::try_from(pid).ok()) {
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+    }
+}
