@@ -41,8 +41,10 @@ fn chmod(path: &Path, mode: u32) {
 
 /// Writes the service directory: the example service copied where every user can run it (the
 /// build tree may be out of their reach), `org.broker.SystemEcho.service` with
-/// `User=nobody`, `org.broker.RootEcho.service` with `User=root`, and
-/// `org.broker.NoUser.service` without `User=`.
+/// `User=nobody`, `org.broker.RootEcho.service` with `User=root`,
+/// `org.broker.NoUser.service` without `User=`, and `org.broker.Leaving.service` (`User=nobody`)
+/// whose service leaves a helper behind. All are written before the bus starts, so no test waits
+/// for the directory watch.
 fn service_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     chmod(dir.path(), 0o755);
@@ -67,6 +69,13 @@ fn service_dir() -> tempfile::TempDir {
             "org.broker.NoUser.service",
             format!(
                 "[D-BUS Service]\nName=org.broker.NoUser\nExec={program} --name org.broker.NoUser\n"
+            ),
+        ),
+        // A helper that outlives the owner: `sh` starts it, then becomes the service.
+        (
+            "org.broker.Leaving.service",
+            format!(
+                "[D-BUS Service]\nName=org.broker.Leaving\nExec=/bin/sh -c '/bin/sleep 1000 & exec {program} --name org.broker.Leaving'\nUser={SERVICE_USER}\n"
             ),
         ),
     ];
@@ -315,18 +324,6 @@ fn children_of(pid: u32) -> Vec<u32> {
 #[tokio::test]
 async fn a_system_service_whose_owner_is_killed_has_its_leftovers_stopped() {
     let bus = start_system_bus();
-    let program = bus.services.path().join("echo_service");
-    // A helper that outlives the owner: `sh` starts it, then becomes the service.
-    let file = bus.services.path().join("org.broker.Leaving.service");
-    std::fs::write(
-        &file,
-        format!(
-            "[D-BUS Service]\nName=org.broker.Leaving\nExec=/bin/sh -c '/bin/sleep 1000 & exec {} --name org.broker.Leaving'\nUser={SERVICE_USER}\n",
-            program.display()
-        ),
-    )
-    .expect("write the service file");
-    chmod(&file, 0o644);
     let connection = bus.broker.zbus().await;
     let echoed = within(
         "the activated call",
