@@ -10,15 +10,15 @@
 //! The logic lives in two sans-IO layers so it can be tested without sockets:
 //! [`Sasl`] answers one line at a time, [`Handshake`] frames raw bytes into
 //! lines (NUL byte, CRLF, length limit) and keeps the bytes that follow
-//! `BEGIN`. [`authenticate`] drives them over a borrowed [`UnixStream`] with
-//! plain `try_read`/`try_write`, so no buffered reader can swallow the first
-//! D-Bus message a client pipelines after `BEGIN`.
+//! `BEGIN`. [`authenticate`] drives them over the connection's [`Socket`] with
+//! plain non-blocking reads and writes, so no buffered reader can swallow the
+//! first D-Bus message a client pipelines after `BEGIN`.
 
 use std::fmt;
 use std::io;
 use std::time::Duration;
 
-use tokio::net::UnixStream;
+use crate::socket::Socket;
 
 /// More failed attempts than this (REJECTED or ERROR replies) end the
 /// connection: real clients try at most a few mechanisms, a hostile one
@@ -162,16 +162,16 @@ impl From<io::Error> for AuthError {
     }
 }
 
-/// Runs the server side of the handshake on `stream`, whose peer has uid
-/// `peer_uid` (from `SO_PEERCRED`). On success the stream is positioned at
+/// Runs the server side of the handshake on `socket`, whose peer has uid
+/// `peer_uid` (from `SO_PEERCRED`). On success the socket is positioned at
 /// the message stream, with anything already read in `leftover`.
 pub async fn authenticate(
-    stream: &UnixStream,
+    socket: &Socket,
     peer_uid: u32,
     policy: &AuthPolicy,
 ) -> Result<Authenticated, AuthError> {
     let mut handshake = Handshake::new(peer_uid, policy);
-    let outcome = tokio::time::timeout(policy.timeout, drive(stream, &mut handshake))
+    let outcome = tokio::time::timeout(policy.timeout, drive(socket, &mut handshake))
         .await
         .unwrap_or(Err(AuthError::Timeout(policy.timeout)));
     match &outcome {
@@ -182,16 +182,16 @@ pub async fn authenticate(
 }
 
 /// Reads, answers and writes until the handshake ends; no deadline here.
-async fn drive(stream: &UnixStream, handshake: &mut Handshake) -> Result<Authenticated, AuthError> {
+async fn drive(socket: &Socket, handshake: &mut Handshake) -> Result<Authenticated, AuthError> {
     let mut chunk = [0u8; READ_CHUNK];
     let mut replies = Vec::new();
     loop {
-        let received = read_some(stream, &mut chunk).await?;
+        let received = read_some(socket, &mut chunk).await?;
         if received.is_empty() {
             return Err(AuthError::Closed);
         }
         let done = handshake.receive(received, &mut replies)?;
-        write_all(stream, &replies).await?;
+        write_all(socket, &replies).await?;
         replies.clear();
         if let Some(done) = done {
             return Ok(done);
@@ -200,25 +200,43 @@ async fn drive(stream: &UnixStream, handshake: &mut Handshake) -> Result<Authent
 }
 
 /// One non-blocking read into `buf`; an empty slice means end of file.
-async fn read_some<'a>(stream: &UnixStream, buf: &'a mut [u8]) -> Result<&'a [u8], AuthError> {
+async fn read_some<'a>(socket: &Socket, buf: &'a mut [u8]) -> Result<&'a [u8], AuthError> {
     loop {
-        stream.readable().await?;
-        match stream.try_read(buf) {
-            Ok(n) => return Ok(buf.get(..n).unwrap_or_default()),
+        socket.readable().await?;
+        let mut received = None;
+        let outcome = socket.try_read(|fd| {
+            let n = nix::sys::socket::recv(fd, buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT)
+                .map_err(io::Error::from)?;
+            received = Some(n);
+            // A short read drained the socket: saying `WouldBlock` clears the readiness now,
+            // which saves the next read that would only return EAGAIN (the client is waiting
+            // for our reply). New data raises a new edge, so none is missed.
+            if n > 0 && n < buf.len() {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(())
+            }
+        });
+        if let Some(n) = received {
+            return Ok(buf.get(..n).unwrap_or_default());
+        }
+        match outcome {
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
             Err(err) => return Err(err.into()),
+            Ok(()) => continue,
         }
     }
 }
 
-/// Writes all of `bytes`, waiting for the socket as needed.
-async fn write_all(stream: &UnixStream, mut bytes: &[u8]) -> Result<(), AuthError> {
+/// Writes all of `bytes`: at once, as a fresh socket takes a few lines; should it not, waits
+/// for it to take more.
+async fn write_all(socket: &Socket, mut bytes: &[u8]) -> Result<(), AuthError> {
     while !bytes.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(bytes) {
+        match socket.try_write(bytes) {
             Ok(0) => return Err(AuthError::Closed),
             Ok(n) => bytes = bytes.get(n..).unwrap_or_default(),
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => socket.writable().await?,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
             Err(err) => return Err(err.into()),
         }
     }
@@ -526,6 +544,7 @@ fn parse_uid(text: &[u8]) -> Option<u32> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
 
     const GUID: &str = "0123456789abcdef0123456789abcdef";
     const OWNER: u32 = 1000;
@@ -1047,6 +1066,13 @@ mod tests {
         }
     }
 
+    /// The server end of a fresh pair, as the bus holds it; and the client end.
+    fn pair() -> (Socket, UnixStream) {
+        let (server, client) = UnixStream::pair().unwrap();
+        let server = std::os::fd::OwnedFd::from(server.into_std().unwrap());
+        (Socket::from_fd(server).unwrap(), client)
+    }
+
     /// Reads exactly `len` bytes of replies from the client side.
     async fn read_replies(client: &mut UnixStream, len: usize) -> String {
         let mut buf = vec![0; len];
@@ -1056,7 +1082,7 @@ mod tests {
 
     #[tokio::test]
     async fn socket_pipelined_success() {
-        let (server, mut client) = UnixStream::pair().unwrap();
+        let (server, mut client) = pair();
         client.write_all(PIPELINED).await.unwrap();
         let done = authenticate(&server, 0, &socket_policy(Duration::from_secs(10)))
             .await
@@ -1069,7 +1095,7 @@ mod tests {
 
     #[tokio::test]
     async fn socket_silent_client_times_out() {
-        let (server, _client) = UnixStream::pair().unwrap();
+        let (server, _client) = pair();
         let limit = Duration::from_millis(50);
         let outcome = authenticate(&server, PAIR_OWNER, &socket_policy(limit)).await;
         assert!(matches!(outcome, Err(AuthError::Timeout(d)) if d == limit));
@@ -1078,7 +1104,7 @@ mod tests {
     #[tokio::test]
     async fn socket_deadline_covers_the_whole_handshake() {
         // A client that keeps talking but never finishes still hits the deadline.
-        let (server, mut client) = UnixStream::pair().unwrap();
+        let (server, mut client) = pair();
         client
             .write_all(b"\0AUTH EXTERNAL 34323432\r\n")
             .await
@@ -1091,7 +1117,7 @@ mod tests {
 
     #[tokio::test]
     async fn socket_client_closing_mid_handshake() {
-        let (server, mut client) = UnixStream::pair().unwrap();
+        let (server, mut client) = pair();
         client.write_all(b"\0AUTH EXTER").await.unwrap();
         drop(client);
         let outcome =
@@ -1101,7 +1127,7 @@ mod tests {
 
     #[tokio::test]
     async fn socket_byte_at_a_time_client() {
-        let (server, mut client) = UnixStream::pair().unwrap();
+        let (server, mut client) = pair();
         let policy = socket_policy(Duration::from_secs(10));
         let talk = async {
             for byte in b"\0AUTH EXTERNAL\r\nDATA\r\nBEGIN\r\nl" {
@@ -1117,8 +1143,16 @@ mod tests {
         // The message stream ("l") is split between leftover and the socket,
         // depending on when the server saw BEGIN; nothing may be lost.
         let mut in_socket = vec![0; 1usize.saturating_sub(done.leftover.len())];
-        let mut server = server;
-        server.read_exact(&mut in_socket).await.unwrap();
+        if !in_socket.is_empty() {
+            server.readable().await.unwrap();
+            let n = server
+                .try_read(|fd| {
+                    nix::sys::socket::recv(fd, &mut in_socket, nix::sys::socket::MsgFlags::empty())
+                        .map_err(io::Error::from)
+                })
+                .unwrap();
+            assert_eq!(n, in_socket.len());
+        }
         assert_eq!([done.leftover, in_socket].concat(), b"l");
     }
 }

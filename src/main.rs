@@ -114,6 +114,32 @@ fn purge_freed_pages_at_once() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
 }
 
+/// Runs [`reserve_small_arenas`] as the program loads, before mimalloc's own start-up (which
+/// reserves the first arena, before `main`): the entries of this binary's `.init_array` run in
+/// link order, broker's objects before the mimalloc library.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static RESERVE_SMALL_ARENAS: extern "C" fn() = reserve_small_arenas;
+
+/// Has mimalloc reserve its address space 64 MiB at a time instead of 1 GiB: its page map
+/// commits an entry for every 64 KiB of a reservation, 128 KiB of resident memory for the first
+/// gigabyte, which a fresh bus using 1 MiB of heap carried for nothing (RSS 156 KiB smaller).
+/// Later reservations grow as more are needed, so a large bus makes a few more `mmap` calls,
+/// no more. `MIMALLOC_ARENA_RESERVE` in the environment still wins. Allocates nothing, so
+/// that it runs before the first allocation reserves the first arena.
+extern "C" fn reserve_small_arenas() {
+    // SAFETY: getenv with a NUL-terminated name; only whether it is set is looked at.
+    if !unsafe { nix::libc::getenv(c"MIMALLOC_ARENA_RESERVE".as_ptr()) }.is_null() {
+        return;
+    }
+    // SAFETY: sets one of mimalloc's options; no memory is involved.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_RESERVE, 64 * 1024) }
+}
+
+/// `mi_option_arena_reserve` of mimalloc 3's `mimalloc.h` (in KiB), which the Rust bindings do
+/// not name.
+const MI_OPTION_ARENA_RESERVE: libmimalloc_sys::mi_option_t = 23;
+
 /// `mi_option_purge_delay` of `mimalloc.h` (the same in mimalloc 2 and 3), which the Rust
 /// bindings do not name.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;

@@ -4,10 +4,9 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::rc::Rc;
 
-use tokio::net::UnixStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -67,7 +66,8 @@ impl Shared {
 /// A connection that passed the checks at `accept` and holds its place among the incomplete
 /// connections of its uid.
 pub struct Admitted {
-    stream: UnixStream,
+    /// Registered with the runtime for reading, once for the connection's whole life.
+    socket: Socket,
     creds: Credentials,
     ticket: Rc<Ticket>,
 }
@@ -77,8 +77,8 @@ pub struct Admitted {
 /// among the incomplete connections of its uid; past `max_incomplete_connections`, the oldest
 /// connection of the uid that holds the most is closed instead of this one (see
 /// [`crate::bus::admission`]).
-pub fn admit(shared: &Shared, stream: UnixStream) -> Option<Admitted> {
-    let creds = match peer_credentials(&stream) {
+pub fn admit(shared: &Shared, stream: OwnedFd) -> Option<Admitted> {
+    let creds = match peer_credentials(stream.as_fd()) {
         Ok(creds) => creds,
         Err(e) => {
             if log_limit::REFUSED_CONNECTION.allow() {
@@ -100,6 +100,19 @@ pub fn admit(shared: &Shared, stream: UnixStream) -> Option<Admitted> {
         }
         return None;
     }
+    let socket = match Socket::from_fd(stream) {
+        Ok(socket) => socket,
+        Err(e) => {
+            if log_limit::REFUSED_CONNECTION.allow() {
+                warn!(
+                    pid = creds.pid,
+                    uid = creds.uid,
+                    "cannot register a connection: {e}"
+                );
+            }
+            return None;
+        }
+    };
     let cap = bus.limits().max_incomplete_connections;
     let (ticket, evicted) = bus.enter_incomplete(creds.uid);
     for victim in evicted {
@@ -113,7 +126,7 @@ pub fn admit(shared: &Shared, stream: UnixStream) -> Option<Admitted> {
         }
     }
     Some(Admitted {
-        stream,
+        socket,
         creds,
         ticket,
     })
@@ -134,7 +147,7 @@ impl Drop for Counted<'_> {
 /// Serves one admitted connection until it closes or the bus drops it.
 pub async fn serve(shared: Rc<Shared>, admitted: Admitted) {
     let Admitted {
-        stream,
+        socket,
         mut creds,
         ticket,
     } = admitted;
@@ -156,7 +169,7 @@ pub async fn serve(shared: Rc<Shared>, admitted: Admitted) {
     // task of every connection for as long as it lives.
     let handshake = Box::pin(async {
         tokio::select! {
-            done = auth::authenticate(&stream, creds.uid, &policy) => Some(done),
+            done = auth::authenticate(&socket, creds.uid, &policy) => Some(done),
             why = must_close(&ticket) => {
                 debug!(pid = creds.pid, uid = creds.uid, "closing during authentication: {why:?}");
                 None
@@ -185,15 +198,6 @@ pub async fn serve(shared: Rc<Shared>, admitted: Admitted) {
         }
         return;
     }
-    let socket = match Socket::new(stream) {
-        Ok(socket) => socket,
-        Err(e) => {
-            if log_limit::REFUSED_CONNECTION.allow() {
-                warn!(pid, uid, "cannot register an authenticated connection: {e}");
-            }
-            return;
-        }
-    };
     let conn = Conn::new(socket);
     let id = shared
         .bus
@@ -416,9 +420,9 @@ fn dispatch(
 }
 
 /// The peer's uid, pid and groups from the kernel.
-fn peer_credentials(stream: &UnixStream) -> io::Result<Credentials> {
+fn peer_credentials(stream: BorrowedFd<'_>) -> io::Result<Credentials> {
     use nix::sys::socket::{getsockopt, sockopt};
-    let cred = getsockopt(&stream.as_fd(), sockopt::PeerCredentials).map_err(io::Error::from)?;
+    let cred = getsockopt(&stream, sockopt::PeerCredentials).map_err(io::Error::from)?;
     Ok(Credentials {
         uid: cred.uid(),
         pid: u32::try_from(cred.pid()).unwrap_or(0),
@@ -430,7 +434,7 @@ fn peer_credentials(stream: &UnixStream) -> io::Result<Credentials> {
 
 /// The peer's primary group `gid` first, then its supplementary groups from `SO_PEERGROUPS`
 /// (Linux 4.13+), without repeats, as dbus-daemon reports them.
-fn peer_groups(stream: &UnixStream, gid: u32) -> Vec<u32> {
+fn peer_groups(stream: BorrowedFd<'_>, gid: u32) -> Vec<u32> {
     let mut gids = vec![gid];
     for other in supplementary_groups(stream).unwrap_or_default() {
         if !gids.contains(&other) {
@@ -441,7 +445,7 @@ fn peer_groups(stream: &UnixStream, gid: u32) -> Vec<u32> {
 }
 
 /// `SO_PEERGROUPS`: the peer's supplementary groups.
-fn supplementary_groups(stream: &UnixStream) -> Option<Vec<u32>> {
+fn supplementary_groups(stream: BorrowedFd<'_>) -> Option<Vec<u32>> {
     let mut groups = vec![0u32; 64];
     let mut len = (groups.len() * 4) as nix::libc::socklen_t;
     // SAFETY: the buffer and its length describe valid, writable memory.

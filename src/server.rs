@@ -514,9 +514,14 @@ pub(crate) fn bind_addresses(
 
 /// Accepts connections on one listening socket for as long as the bus runs.
 async fn accept_loop(shared: Rc<Shared>, listener: UnixListener) {
+    // Accepted sockets are registered for reading only, once (see `socket::Listener`).
+    let listener = match crate::socket::Listener::new(listener) {
+        Ok(listener) => listener,
+        Err(e) => return warn!("cannot register a listening socket, not accepting on it: {e}"),
+    };
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok(stream) => {
                 if let Some(admitted) = peer_task::admit(&shared, stream) {
                     tokio::task::spawn_local(peer_task::serve(shared.clone(), admitted));
                 }

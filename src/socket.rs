@@ -1,4 +1,5 @@
-//! A client's socket once it has authenticated, registered with the runtime for reading only.
+//! A client's socket from `accept` to `close`, registered with the runtime for reading only, and
+//! the listening socket that accepts it.
 //!
 //! A socket registered for writing too (as tokio's `UnixStream` always is) raises an `EPOLLOUT`
 //! edge each time its client reads what the bus wrote, and each such edge wakes the bus for
@@ -12,20 +13,26 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::net::UnixStream;
 
 pub struct Socket {
     fd: AsyncFd<OwnedFd>,
 }
 
 impl Socket {
-    /// Takes over an authenticated stream: it leaves tokio's registration for both directions
-    /// and joins the runtime again for reading only.
-    pub fn new(stream: UnixStream) -> io::Result<Socket> {
-        let fd = OwnedFd::from(stream.into_std()?);
+    /// Registers a freshly accepted (non-blocking) socket for reading only. The connection
+    /// keeps this one registration from `accept` to `close`, handshake included: one
+    /// `epoll_ctl` to add it and one to remove it.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Socket> {
         Ok(Socket {
             fd: register(fd, Interest::READABLE)?,
         })
+    }
+
+    /// One non-blocking write of `bytes` (no `SIGPIPE`); `WouldBlock` when the socket is full.
+    pub fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
+        use nix::sys::socket::{MsgFlags, send};
+        let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+        send(self.as_raw_fd(), bytes, flags).map_err(io::Error::from)
     }
 
     /// Waits until the socket may have something to read.
@@ -47,6 +54,36 @@ impl Socket {
         let duplicate = self.fd.get_ref().try_clone()?;
         let waiter = register(duplicate, Interest::WRITABLE)?;
         waiter.writable().await.map(drop)
+    }
+}
+
+/// A listening socket, registered with the runtime for reading only (tokio's `UnixListener`
+/// would register each accepted stream for both directions, to be registered again for reading
+/// only after the handshake: two `epoll_ctl` calls per connection for nothing).
+pub struct Listener {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Listener {
+    /// Takes over a listening socket that tokio registered.
+    pub fn new(listener: tokio::net::UnixListener) -> io::Result<Listener> {
+        let fd = OwnedFd::from(listener.into_std()?);
+        Ok(Listener {
+            fd: register(fd, Interest::READABLE)?,
+        })
+    }
+
+    /// Waits for the next connection; it comes non-blocking and close-on-exec, not registered.
+    pub async fn accept(&self) -> io::Result<OwnedFd> {
+        use nix::sys::socket::{SockFlag, accept4};
+        self.fd
+            .async_io(Interest::READABLE, |fd| {
+                let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+                let raw = accept4(fd.as_raw_fd(), flags).map_err(io::Error::from)?;
+                // SAFETY: accept4 returned a new descriptor that nothing else owns.
+                Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+            })
+            .await
     }
 }
 

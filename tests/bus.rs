@@ -55,6 +55,41 @@ fn hello_comes_first_then_name_owner_changed_then_name_acquired() {
     );
 }
 
+/// The bus builds `NameOwnerChanged` only when some rule could take it; rules keyed by the
+/// interface alone and rules with neither interface nor member must still count.
+#[test]
+fn owner_changes_reach_rules_by_interface_and_catch_all_rules() {
+    let broker = Broker::start();
+    let mut by_interface = RawClient::connect(&broker.socket);
+    by_interface
+        .driver_call("AddMatch", &("interface='org.freedesktop.DBus'",))
+        .unwrap();
+    let mut catch_all = RawClient::connect(&broker.socket);
+    catch_all
+        .driver_call("AddMatch", &("type='signal'",))
+        .unwrap();
+    let passer = RawClient::connect(&broker.socket);
+    let unique = passer.unique.clone();
+    drop(passer);
+    for watcher in [&mut by_interface, &mut catch_all] {
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let changed = watcher.recv_until(|m| member_of(m) == "NameOwnerChanged");
+            let (name, old, new): (String, String, String) = changed.body().deserialize().unwrap();
+            if name == unique {
+                seen.push((old, new));
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                (String::new(), unique.clone()),
+                (unique.clone(), String::new())
+            ]
+        );
+    }
+}
+
 #[test]
 fn unique_names_count_up_and_hello_is_answered_once() {
     let broker = Broker::start();

@@ -53,6 +53,19 @@ impl MatchIndex {
         super::memory::shrink_map(&mut self.buckets);
     }
 
+    /// Whether any peer has a rule that could match a message of this interface and member:
+    /// [`candidates`](Self::candidates) is not empty. Allocates nothing.
+    pub fn may_match(&self, interface: &str, member: &str) -> bool {
+        [
+            key(None, None),
+            key(None, Some(member)),
+            key(Some(interface), None),
+            key(Some(interface), Some(member)),
+        ]
+        .iter()
+        .any(|k| self.buckets.get(k).is_some_and(|b| !b.is_empty()))
+    }
+
     /// The peers with a rule that could match a message of this interface and member, each once.
     pub fn candidates(&self, interface: Option<&str>, member: Option<&str>) -> Vec<PeerId> {
         let mut keys = vec![key(None, None)];
@@ -92,6 +105,27 @@ mod tests {
         assert_eq!(index.candidates(Some("a.I"), Some("M")), vec![1, 2, 3, 4]);
         assert_eq!(index.candidates(None, Some("M")), vec![3, 4]);
         assert_eq!(index.candidates(Some("a.I"), None), vec![2, 4]);
+    }
+
+    #[test]
+    fn may_match_agrees_with_candidates() {
+        let mut index = MatchIndex::default();
+        assert!(!index.may_match("a.I", "M"));
+        for (interface, member) in [
+            (Some("a.I"), Some("M")),
+            (Some("a.I"), None),
+            (None, Some("M")),
+            (None, None),
+        ] {
+            index.add(1, interface, member);
+            assert!(index.may_match("a.I", "M"), "{interface:?} {member:?}");
+            assert!(!index.may_match("b.I", "N") || (interface, member) == (None, None));
+            index.remove(1, interface, member);
+            assert!(!index.may_match("a.I", "M"));
+        }
+        index.add(1, Some("b.I"), Some("M"));
+        index.add(1, Some("a.I"), Some("N"));
+        assert!(!index.may_match("a.I", "M"));
     }
 
     #[test]

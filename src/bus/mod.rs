@@ -308,6 +308,7 @@ impl Bus {
                 owned.push((name.clone(), *new));
             }
             let built = match &event {
+                NameEvent::OwnerChanged { .. } if !self.owner_changes_heard() => continue,
                 NameEvent::OwnerChanged { name, old, new } => {
                     let old = old
                         .and_then(|id| self.unique_name(id))
@@ -419,10 +420,20 @@ impl Bus {
     }
 
     pub fn broadcast_owner_changed(&mut self, name: &str, old: &str, new: &str) {
+        if !self.owner_changes_heard() {
+            return;
+        }
         match messages::name_owner_changed(name, old, new) {
             Ok(msg) => self.broadcast(&msg),
             Err(e) => warn!("cannot build NameOwnerChanged: {e}"),
         }
+    }
+
+    /// Whether any peer (a monitor included) has a rule that could take `NameOwnerChanged`.
+    /// Most connections come and go unheard: building the signal twice per connection for
+    /// nobody took about 7 % of the bus's time under churn (connect, `Hello`, close).
+    fn owner_changes_heard(&self) -> bool {
+        self.index.may_match(messages::DRIVER, "NameOwnerChanged")
     }
 
     /// Turns a peer into a monitor: it loses its names and its unique name, and from now on
