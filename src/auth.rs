@@ -185,8 +185,12 @@ pub async fn authenticate(
 async fn drive(socket: &Socket, handshake: &mut Handshake) -> Result<Authenticated, AuthError> {
     let mut chunk = [0u8; READ_CHUNK];
     let mut replies = Vec::new();
+    let mut first = read_now(socket, &mut chunk)?;
     loop {
-        let received = read_some(socket, &mut chunk).await?;
+        let received = match first.take() {
+            Some(n) => chunk.get(..n).unwrap_or_default(),
+            None => read_some(socket, &mut chunk).await?,
+        };
         if received.is_empty() {
             return Err(AuthError::Closed);
         }
@@ -196,6 +200,27 @@ async fn drive(socket: &Socket, handshake: &mut Handshake) -> Result<Authenticat
         if let Some(done) = done {
             return Ok(done);
         }
+    }
+}
+
+/// The first read of a handshake, tried before any wait: a client sends `\0AUTH ...` as soon
+/// as `connect` returns, so the line is usually there when the bus accepts. Reading it at once,
+/// as dbus-broker does, saves a trip through the event loop per connection (an `epoll_wait`
+/// and a second scheduling of this task before the client's `OK` can go out). Returns the
+/// bytes read (0: end of file), or `None` when nothing has come yet: then the usual wait
+/// follows. Correct with the edge-triggered registration: the kernel reports the socket at the
+/// next `epoll_wait` only if it is still readable then.
+fn read_now(socket: &Socket, buf: &mut [u8]) -> Result<Option<usize>, AuthError> {
+    use nix::errno::Errno;
+    use std::os::fd::AsRawFd;
+    match nix::sys::socket::recv(
+        socket.as_raw_fd(),
+        buf,
+        nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(n) => Ok(Some(n)),
+        Err(Errno::EAGAIN | Errno::EINTR) => Ok(None),
+        Err(e) => Err(io::Error::from(e).into()),
     }
 }
 
@@ -1091,6 +1116,30 @@ mod tests {
         assert_eq!(done.leftover, PIPELINED_LEFTOVER);
         let replies = read_replies(&mut client, PIPELINED_REPLIES.len()).await;
         assert_eq!(replies, PIPELINED_REPLIES);
+    }
+
+    /// A line that is there when the bus accepts is answered within the handshake's first poll,
+    /// before any trip through the event loop: the first read does not wait for readiness.
+    #[tokio::test]
+    async fn socket_first_line_answered_without_waiting() {
+        let (server, mut client) = pair();
+        client.write_all(b"\0AUTH EXTERNAL 30\r\n").await.unwrap();
+        let policy = socket_policy(Duration::from_secs(10));
+        let mut handshake = std::pin::pin!(authenticate(&server, 0, &policy));
+        let waiting = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(handshake.as_mut().poll(cx).is_pending())
+        })
+        .await;
+        assert!(waiting, "the handshake goes on until BEGIN");
+        // Read without the runtime: the OK must be in the socket already.
+        let mut buf = [0u8; 64];
+        let n = nix::sys::socket::recv(
+            std::os::fd::AsRawFd::as_raw_fd(&client),
+            &mut buf,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        )
+        .expect("the OK line was written in the first poll");
+        assert_eq!(&buf[..n], b"OK 0123456789abcdef0123456789abcdef\r\n");
     }
 
     #[tokio::test]
